@@ -1,0 +1,18 @@
+"""FFJORD continuous normalizing flows as Pyro transforms."""
+
+from .conditional import ConditionalFFJORD, conditional_ffjord
+from .ffjord import ConditionedFFJORD, FFJORD, ffjord
+from .nets import ODENet
+from .ode import SolverError, SolveStats
+
+__all__ = [
+    "FFJORD",
+    "ConditionalFFJORD",
+    "ConditionedFFJORD",
+    "ODENet",
+    "SolveStats",
+    "SolverError",
+    "conditional_ffjord",
+    "ffjord",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,318 @@
+r"""FFJORD as a Pyro :class:`~pyro.distributions.torch_transform.TransformModule`."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor, nn
+from torch.distributions import Transform, constraints
+
+from .config import FFJORDConfig
+from .nets import LayerConditioning, ODENet
+from .ode import AugmentedDynamics, SolveStats, solve
+from .divergence import sample_noise
+
+DEFAULT_HIDDEN = (64, 64, 64)
+
+
+def default_hidden_dims(input_dim: int) -> List[int]:
+    """Three hidden layers of width ``max(64, 4 * input_dim)``."""
+    return [max(64, 4 * input_dim)] * 3
+
+
+class SolveSetup(NamedTuple):
+    """Everything one solve needs, gathered from the module that owns the parameters."""
+
+    net: ODENet
+    cond: Optional[List[LayerConditioning]]
+    T: Tensor
+    config: FFJORDConfig
+    training: bool
+    stats: SolveStats
+
+
+class ConditionedFFJORD(Transform):
+    r"""The FFJORD bijection for fixed parameters (and, if conditional, a fixed context).
+
+    Maps :math:`x = z(0)` to :math:`y = z(T)` with :math:`dz/dt = f(z, t)` and
+
+    .. math::
+
+        \log\left|\det \frac{\partial y}{\partial x}\right|
+        = \int_0^T \mathrm{tr}\left(\frac{\partial f}{\partial z(t)}\right) dt,
+
+    integrated in the same solve as :math:`y`. The log-det of the latest ``_call`` or
+    ``_inverse`` is cached and reused by :meth:`log_abs_det_jacobian` only when it is asked
+    about exactly those tensors (identity, not equality); otherwise it solves again.
+
+    :param setup_fn: returns a :class:`SolveSetup` at the start of each solve.
+    :param stats: where function-evaluation counts and the RNODE penalty are recorded.
+    :param context_shape: batch shape of the context; it broadcasts against the input's.
+    :param int cache_size: 0 or 1, as for any :class:`~torch.distributions.Transform`.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = +1
+
+    def __init__(
+        self,
+        setup_fn: Callable[[], SolveSetup],
+        stats: SolveStats,
+        context_shape: torch.Size = torch.Size(),
+        cache_size: int = 1,
+    ) -> None:
+        super().__init__(cache_size=cache_size)
+        self._setup_fn = setup_fn
+        self._stats = stats
+        self._context_shape = torch.Size(context_shape)
+        self._ladj_cache = None
+
+    __hash__ = object.__hash__
+
+    # -- caching --------------------------------------------------------------------------
+    def with_cache(self, cache_size: int = 1) -> Transform:
+        if cache_size == self._cache_size:
+            return self
+        return ConditionedFFJORD(self._setup_fn, self._stats, self._context_shape, cache_size)
+
+    def clear_cache(self) -> None:
+        super().clear_cache()
+        self._ladj_cache = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_ladj_cache"] = None  # holds a graph; never pickled
+        if "_cached_x_y" in state:
+            state["_cached_x_y"] = (None, None)
+        return state
+
+    # -- solve statistics -----------------------------------------------------------------
+    @property
+    def stats(self) -> SolveStats:
+        """Counters of this flow's solves (see :class:`~pyro_ffjord.ode.SolveStats`)."""
+        return self._stats
+
+    @property
+    def nfe_forward(self) -> int:
+        """Function evaluations of the latest solve."""
+        return self._stats.nfe_forward
+
+    @property
+    def nfe_backward(self) -> int:
+        """Function evaluations of the latest solve's adjoint pass (0 without ``adjoint``)."""
+        return self._stats.nfe_backward
+
+    @property
+    def regularization(self) -> Optional[Tensor]:
+        r"""Weighted RNODE penalty of the latest solve: ``kinetic`` times the batch mean of
+        :math:`\int_0^T \tfrac{1}{2D}\lVert f\rVert^2 dt` plus ``jacobian`` times that of
+        :math:`\int_0^T \tfrac1D \lVert \partial f/\partial z\rVert_F^2 dt` (estimated with the
+        solve's probe vectors). A differentiable scalar when the owning module is training, a
+        weight is set and gradients are enabled; otherwise ``None``. Add it to the loss."""
+        return self._stats.regularization
+
+    # -- shapes -----------------------------------------------------------------------------
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        return torch.broadcast_shapes(shape[:-1], self._context_shape) + shape[-1:]
+
+    inverse_shape = forward_shape
+
+    # -- the bijection --------------------------------------------------------------------
+    def _call(self, x: Tensor) -> Tensor:
+        y, ladj = self._solve(x, reverse=False)
+        self._ladj_cache = (x, y, ladj)
+        return y
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        x, ladj = self._solve(y, reverse=True)
+        self._ladj_cache = (x, y, ladj)
+        return x
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        cache = self._ladj_cache
+        if cache is not None and cache[0] is x and cache[1] is y:
+            return cache[2]
+        return self._solve(x, reverse=False)[1]
+
+    def _solve(self, x: Tensor, reverse: bool):
+        setup = self._setup_fn()
+        net, config = setup.net, setup.config
+        _check_input(x, net, "y" if reverse else "x")
+        try:
+            batch = torch.broadcast_shapes(x.shape[:-1], self._context_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"input batch shape {tuple(x.shape[:-1])} does not broadcast against the context's "
+                f"batch shape {tuple(self._context_shape)}"
+            ) from None
+        x = x.expand(batch + x.shape[-1:])
+        trace = config.trace if setup.training else config.eval_trace
+        solver = config.solver if setup.training else (config.eval_solver or config.solver)
+        regularize = setup.training and config.regularized and torch.is_grad_enabled()
+        noise = sample_noise(x, config.noise) if trace == "hutchinson" else None
+        dynamics = AugmentedDynamics(
+            net,
+            setup.cond,
+            setup.T,
+            trace,
+            noise,
+            config.kinetic if regularize else 0.0,
+            config.jacobian if regularize else 0.0,
+            config.max_nfe,
+            setup.stats,
+        )
+        setup.stats.regularization = None
+        adjoint_params = [*net.parameters(), setup.T]
+        for c in setup.cond or ():
+            adjoint_params.extend(t for t in c if t is not None)
+        return solve(dynamics, x, reverse, config, solver, config.adjoint, adjoint_params)
+
+
+def _check_input(x: Tensor, net: nn.Module, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"FFJORD expects a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != net.input_dim:
+        raise ValueError(
+            f"FFJORD was built for input_dim={net.input_dim} but {name} has shape {tuple(x.shape)}; "
+            f"the last dimension must be {net.input_dim}"
+        )
+    param = next(net.parameters())
+    if x.dtype != param.dtype:
+        raise ValueError(
+            f"{name} is {x.dtype} but the flow's parameters are {param.dtype}; convert one, "
+            f"e.g. flow.to({x.dtype}) or {name}.to({param.dtype})"
+        )
+    if x.device != param.device:
+        raise ValueError(
+            f"{name} is on {x.device} but the flow's parameters are on {param.device}; "
+            f"move one, e.g. flow.to({str(x.device)!r})"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; FFJORD needs finite inputs")
+
+
+class _FFJORDParams:
+    """Parameter ownership shared by :class:`FFJORD` and :class:`ConditionalFFJORD`."""
+
+    net: ODENet
+    config: FFJORDConfig
+    _stats: SolveStats
+
+    def _init_params(
+        self,
+        input_dim: int,
+        hidden_dims: Optional[Sequence[int]],
+        activation,
+        time_embedding: str,
+        zero_init: bool,
+        options: dict,
+        **net_kwargs,
+    ) -> None:
+        if not (isinstance(input_dim, int) and input_dim > 0):
+            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+        self.config = FFJORDConfig.from_options(options)
+        hidden = list(DEFAULT_HIDDEN if hidden_dims is None else hidden_dims)
+        self.net = ODENet(input_dim, hidden, activation, time_embedding, zero_init=zero_init, **net_kwargs)
+        log_T = torch.tensor(math.log(self.config.T))
+        if self.config.train_T:
+            self.log_T = nn.Parameter(log_T)
+        else:
+            self.register_buffer("log_T", log_T)
+
+    @property
+    def input_dim(self) -> int:
+        return self.net.input_dim
+
+    @property
+    def end_time(self) -> Tensor:
+        """The end time :math:`T` as a tensor (differentiable when ``train_T``)."""
+        return self.log_T.exp()
+
+    def _setup(self, context: Optional[Tensor] = None) -> SolveSetup:
+        cond = self.net.condition(context)
+        return SolveSetup(self.net, cond, self.end_time, self.config, self.training, self._stats)
+
+
+class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
+    r"""Free-form continuous dynamics (FFJORD) as a learnable bijection of
+    :math:`\mathbb{R}^D` (Grathwohl, Chen et al., 2019).
+
+    A sample :math:`x` of the base distribution is mapped to :math:`y = z(T)` by solving
+
+    .. math::
+
+        \frac{dz}{dt} = f(z, t), \qquad z(0) = x, \qquad
+        \log\left|\det\frac{\partial y}{\partial x}\right| = \int_0^T
+        \mathrm{tr}\left(\frac{\partial f}{\partial z(t)}\right)dt,
+
+    with :math:`f` an unrestricted MLP (:class:`~pyro_ffjord.nets.ODENet`). In training mode the
+    trace is Hutchinson's unbiased estimate :math:`\epsilon^\top (\partial f/\partial z)\,\epsilon`
+    (one vector-Jacobian product per evaluation, :math:`\epsilon` drawn once per solve); in eval
+    mode it is exact. ``rsample`` followed by ``log_prob`` of that sample costs one solve; the
+    log-density of any other value costs one reverse solve.
+
+    Example::
+
+        >>> import pyro.distributions as dist
+        >>> flow = FFJORD(2, hidden_dims=[16, 16])
+        >>> d = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.).to_event(1), [flow])
+        >>> y = d.rsample((5,))
+        >>> d.log_prob(y).shape
+        torch.Size([5])
+
+    :param int input_dim: dimension :math:`D`.
+    :param hidden_dims: hidden widths of the vector field (default 64-64-64).
+    :param activation: ``"tanh"`` (default), ``"softplus"``, ``"elu"``, ``"swish"`` or a module.
+    :param str time_embedding: ``"concatsquash"`` (default) or ``"concat"``.
+    :param bool zero_init: start as the identity map (last layer zero), as RNODE does.
+
+    Options (keywords): ``trace`` (``"hutchinson"`` | ``"exact"``, training mode),
+    ``eval_trace`` (default ``"exact"``), ``noise`` (``"rademacher"`` | ``"gaussian"``),
+    ``solver`` (any torchdiffeq method, default ``"dopri5"``), ``eval_solver`` (used in eval
+    mode, default ``solver``), ``atol``/``rtol`` (1e-5), ``step_size`` (fixed-step solvers, in
+    units of t), ``adjoint`` (memory-light gradients; default False: backprop through the
+    solver is faster), ``T`` (end time, 0.5), ``train_T`` (learn T), ``kinetic``/``jacobian``
+    (RNODE weights; see :attr:`regularization`), ``error_norm`` (``"batch"`` RMS or worst
+    ``"sample"``) and ``max_nfe`` (step budget per solve; exceeding it raises
+    :class:`~pyro_ffjord.ode.SolverError`).
+
+    References:
+
+    [1] Will Grathwohl, Ricky T. Q. Chen, Jesse Bettencourt, Ilya Sutskever, David Duvenaud.
+    FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models. ICLR 2019.
+
+    [2] Chris Finlay, Jörn-Henrik Jacobsen, Levon Nurbekyan, Adam M. Oberman. How to train your
+    neural ODE: the world of Jacobian and kinetic regularization. ICML 2020.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dims: Optional[Sequence[int]] = None,
+        activation: Union[str, Callable, nn.Module] = "tanh",
+        time_embedding: str = "concatsquash",
+        zero_init: bool = True,
+        **options,
+    ) -> None:
+        super().__init__(self._setup, SolveStats())
+        self._init_params(input_dim, hidden_dims, activation, time_embedding, zero_init, options)
+
+
+def ffjord(input_dim: int, hidden_dims: Optional[Sequence[int]] = None, **options) -> FFJORD:
+    """A helper in Pyro's style that builds an :class:`FFJORD` with sensible defaults; works as
+    ``partial(pyro.distributions.transforms.iterated, 2, ffjord)`` for
+    :class:`~pyro.infer.autoguide.AutoNormalizingFlow`.
+
+    Example::
+
+        >>> ffjord(3).input_dim
+        3
+    """
+    if hidden_dims is None:
+        hidden_dims = default_hidden_dims(input_dim)
+    return FFJORD(input_dim, hidden_dims=hidden_dims, **options)
