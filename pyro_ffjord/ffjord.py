@@ -167,7 +167,9 @@ class ConditionedFFJORD(Transform):
             setup.stats,
         )
         setup.stats.regularization = None
-        adjoint_params = [*net.parameters(), setup.T]
+        # Only tensors the dynamics use directly: an adjoint parameter that is also an ancestor
+        # of another (the context head of the conditioning terms) would be counted twice.
+        adjoint_params = [*net.field_parameters(), setup.T]
         for c in setup.cond or ():
             adjoint_params.extend(t for t in c if t is not None)
         return solve(dynamics, x, reverse, config, solver, config.adjoint, adjoint_params)

@@ -161,6 +161,11 @@ class ODENet(nn.Module):
                 self.head.weight[lo:hi].zero_()
                 self.head.bias[lo:hi].zero_()
 
+    def field_parameters(self) -> List[nn.Parameter]:
+        """Parameters used inside :meth:`forward` (not those of the context head, which only
+        reach the dynamics through :meth:`condition`'s outputs)."""
+        return [*self.layers.parameters(), *self.activation.parameters()]
+
     def condition(self, context: Optional[Tensor]) -> Optional[List[LayerConditioning]]:
         """Per-layer conditioning terms for a context of shape ``(..., context_dim)``."""
         if self.conditioning is None or context is None:

@@ -107,7 +107,9 @@ class AugmentedDynamics:
         z = state[0]
         graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not z.requires_grad:
+            if not (graph and z.requires_grad):
+                # Without a graph to extend (e.g. the adjoint's no-grad forward solve) start a
+                # fresh leaf: a view made under no_grad cannot be differentiated against.
                 z = z.detach().requires_grad_()
             f = self.T * self.net(s * self.T, z, self.cond)
             if self.trace == "exact":
