@@ -1,0 +1,125 @@
+"""First benchmark: fit 8gaussians with our default FFJORD, our library configured like the
+reference code's defaults, and zuko's CNF, side by side in one run.
+
+Every contender sees the same batches (batch 256, 200 iterations, Adam 1e-3) and is scored by
+the exact-trace log-likelihood of the same 2000 held-out points. Reports iterations per
+second, function evaluations per iteration and test log-likelihood, with ratios to the
+reference configuration, and writes JSON with the machine and date.
+
+    python benchmarks/fit_8gaussians.py --out benchmarks/results/fit_8gaussians.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (  # noqa: E402
+    REFERENCE_OPTIONS,
+    OurFFJORD,
+    ZukoCNF,
+    backward,
+    free_cores,
+    git_revision,
+    machine_info,
+    markdown_table,
+    write_json,
+)
+from pyro_ffjord.datasets import toy  # noqa: E402
+
+
+def contenders(names):
+    make = {
+        "ours (default)": lambda: OurFFJORD("ours (default)"),
+        "ours (reference config)": lambda: OurFFJORD("ours (reference config)", **REFERENCE_OPTIONS),
+        "zuko CNF": lambda: ZukoCNF("zuko CNF"),
+    }
+    return [make[n] for n in names]
+
+
+def run(contender, args) -> dict:
+    torch.manual_seed(args.seed)
+    model = contender()
+    rng = np.random.default_rng(args.seed)
+    optimizer = torch.optim.Adam(model.module.parameters(), lr=args.lr)
+    batches = [toy.sample(args.data, args.batch_size, rng) for _ in range(args.iters)]
+    start = time.perf_counter()
+    for batch in batches:
+        optimizer.zero_grad()
+        loss = model.loss(batch)
+        backward(model, loss)
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    test = toy.sample(args.data, args.test_size, np.random.default_rng(args.seed + 1))
+    nfe = model.nfe()
+    return {
+        "name": model.name,
+        "options": {k: v for k, v in getattr(model, "options", {}).items()},
+        "seconds": seconds,
+        "it_per_s": args.iters / seconds,
+        "nfe_forward_per_it": nfe["forward"] / args.iters,
+        "nfe_backward_per_it": nfe["backward"] / args.iters,
+        "test_loglik": -model.test_nll(test),
+        "final_train_loss": loss.item(),
+    }
+
+
+def main(args):
+    threads = args.threads or free_cores()
+    torch.set_num_threads(threads)
+    names = ["ours (default)", "ours (reference config)", "zuko CNF"]
+    rows = []
+    for name, contender in zip(names, contenders(names)):
+        row = run(contender, args)
+        rows.append(row)
+        print(f"{name}: {row['it_per_s']:.2f} it/s, test log-lik {row['test_loglik']:.3f}", flush=True)
+    ref = next(r for r in rows if r["name"] == "ours (reference config)")
+    for r in rows:
+        r["speed_vs_reference"] = r["it_per_s"] / ref["it_per_s"]
+    table = markdown_table(
+        rows,
+        {
+            "configuration": lambda r: r["name"],
+            "it/s": lambda r: f"{r['it_per_s']:.2f}",
+            "x reference": lambda r: f"{r['speed_vs_reference']:.2f}",
+            "NFE fwd/it": lambda r: f"{r['nfe_forward_per_it']:.1f}",
+            "NFE bwd/it": lambda r: f"{r['nfe_backward_per_it']:.1f}",
+            "test log-lik": lambda r: f"{r['test_loglik']:.3f}",
+        },
+    )
+    print(table)
+    payload = {
+        "benchmark": "fit_8gaussians",
+        "args": vars(args),
+        "machine": machine_info(threads),
+        "revision": git_revision(),
+        "results": rows,
+        "table": table,
+    }
+    if args.out:
+        write_json(args.out, payload)
+    return payload
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="8gaussians", choices=toy.NAMES)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--test-size", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores)")
+    p.add_argument("--out", default="benchmarks/results/fit_8gaussians.json")
+    return p
+
+
+if __name__ == "__main__":
+    main(parser().parse_args())
