@@ -48,6 +48,15 @@ VARIANTS = {
     "rk4_4": dict(DIRECT, solver="rk4", step_size=0.5 / 4, eval_solver="dopri5"),
     "rk4_8": dict(DIRECT, solver="rk4", step_size=0.5 / 8, eval_solver="dopri5"),
     "T1": dict(DIRECT, T=1.0),
+    "ct_rk4_4": dict(DIRECT, time_embedding="concat", solver="rk4", step_size=0.5 / 4, eval_solver="dopri5"),
+    "ct_rk4_2": dict(DIRECT, time_embedding="concat", solver="rk4", step_size=0.5 / 2, eval_solver="dopri5"),
+    "ct_rk4_4_rnode": dict(
+        DIRECT, time_embedding="concat", solver="rk4", step_size=0.5 / 4, eval_solver="dopri5",
+        kinetic=0.01, jacobian=0.01,
+    ),
+    "ct_T1_rk4_4": dict(DIRECT, time_embedding="concat", T=1.0, solver="rk4", step_size=0.25, eval_solver="dopri5"),
+    "ct_tol3": dict(DIRECT, time_embedding="concat", atol=1e-3, rtol=1e-3),
+    "rk4_4_tol3eval": dict(DIRECT, solver="rk4", step_size=0.5 / 4, eval_solver="dopri5"),
     "fast": dict(DIRECT),  # replaced by the winning combination once measured
 }
 EVAL_TOL = 1e-5  # every contender is scored at the reference tolerance

@@ -45,9 +45,10 @@ class ConcatSquashLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
-        self.gate_weight = nn.Parameter(torch.randn(out_features) * 0.1)
-        self.gate_bias = nn.Parameter(torch.zeros(out_features))
-        self.shift_weight = nn.Parameter(torch.randn(out_features) * 0.1)
+        # The time maps are Linear(1, out) layers; PyTorch's default init for them is U(-1, 1).
+        self.gate_weight = nn.Parameter(torch.empty(out_features).uniform_(-1, 1))
+        self.gate_bias = nn.Parameter(torch.empty(out_features).uniform_(-1, 1))
+        self.shift_weight = nn.Parameter(torch.empty(out_features).uniform_(-1, 1))
 
     def forward(self, t: Tensor, x: Tensor, extra: Optional[Tensor] = None) -> Tensor:
         h = self.linear(x)

@@ -17,6 +17,7 @@ exist only while regularizing and never drive step-size control.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -160,8 +161,8 @@ def solve(
     if is_adaptive(solver):
         kwargs["options"] = {"norm": _sample_norm if config.error_norm == "sample" else _batch_norm}
     else:
-        T = float(dynamics.T.detach())
-        steps = max(1, int(torch.tensor(T / config.step_size).ceil()))
+        # Whole steps of at most step_size (in units of t) that land exactly on T.
+        steps = max(1, math.ceil(float(dynamics.T.detach()) / config.step_size - 1e-9))
         kwargs["options"] = {"step_size": 1.0 / steps}
     dynamics.stats.solves += 1
     dynamics.stats.last = dynamics
