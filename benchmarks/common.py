@@ -19,18 +19,7 @@ import pyro.distributions as dist
 from pyro_ffjord import FFJORD
 
 # The reference code's defaults for the 2-D toys (see ../shared/reference/ffjord-facts.md).
-REFERENCE_OPTIONS = dict(
-    hidden_dims=[64, 64, 64],
-    activation="tanh",
-    time_embedding="concatsquash",
-    zero_init=False,
-    trace="exact",
-    solver="dopri5",
-    atol=1e-5,
-    rtol=1e-5,
-    adjoint=True,
-    T=0.5,
-)
+REFERENCE_OPTIONS = dict(preset="reference")
 
 
 # Levers on top of the reference configuration, each the same capacity (64-64-64 field).
@@ -56,8 +45,12 @@ VARIANTS = {
     ),
     "ct_T1_rk4_4": dict(DIRECT, time_embedding="concat", T=1.0, solver="rk4", step_size=0.25, eval_solver="dopri5"),
     "ct_tol3": dict(DIRECT, time_embedding="concat", atol=1e-3, rtol=1e-3),
-    "rk4_4_tol3eval": dict(DIRECT, solver="rk4", step_size=0.5 / 4, eval_solver="dopri5"),
-    "fast": dict(DIRECT),  # replaced by the winning combination once measured
+    "rk4_2": dict(DIRECT, solver="rk4", step_size=0.5 / 2, eval_solver="dopri5"),
+    "rk4_3": dict(DIRECT, solver="rk4", step_size=0.5 / 3, eval_solver="dopri5"),
+    "rk4_4_rnode": dict(DIRECT, solver="rk4", step_size=0.5 / 4, eval_solver="dopri5", kinetic=0.01, jacobian=0.01),
+    "rk4_4_hutch": dict(DIRECT, solver="rk4", step_size=0.5 / 4, eval_solver="dopri5", trace="hutchinson"),
+    "zero_init_fast": dict(preset="fast", zero_init=True),
+    "fast": dict(preset="fast"),  # (b) of the race: the library's "fast" preset
 }
 EVAL_TOL = 1e-5  # every contender is scored at the reference tolerance
 

@@ -4,11 +4,11 @@ r"""FFJORD conditioned on a context, as a Pyro
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
-from torch import Tensor, nn
+from torch import Tensor
 
 from .ffjord import ConditionedFFJORD, _FFJORDParams, default_hidden_dims
 from .ode import SolveStats
@@ -58,9 +58,7 @@ class ConditionalFFJORD(_FFJORDParams, ConditionalTransformModule):
         hidden_dims: Optional[Sequence[int]] = None,
         conditioning: str = "concat",
         rank: int = 1,
-        activation: Union[str, Callable, nn.Module] = "tanh",
-        time_embedding: str = "concatsquash",
-        zero_init: bool = True,
+        preset: Optional[str] = None,
         **options,
     ) -> None:
         super().__init__()
@@ -69,11 +67,8 @@ class ConditionalFFJORD(_FFJORDParams, ConditionalTransformModule):
         self._stats = SolveStats()
         self._init_params(
             input_dim,
-            hidden_dims,
-            activation,
-            time_embedding,
-            zero_init,
-            options,
+            preset,
+            dict(options, hidden_dims=hidden_dims),
             context_dim=context_dim,
             conditioning=conditioning,
             rank=rank,

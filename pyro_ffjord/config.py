@@ -16,6 +16,34 @@ TIME_EMBEDDINGS = ("concatsquash", "concat")
 ERROR_NORMS = ("batch", "sample")
 
 
+# Named option sets. Architecture keywords (hidden_dims, activation, ...) may appear too.
+# "fast" is the winner of benchmarks/toy_race.py on 2-D toys: exact trace, backprop through
+# four fixed rk4 steps, adaptive dopri5 for evaluation (see README, "Speed").
+PRESETS = {
+    "reference": dict(
+        hidden_dims=[64, 64, 64], activation="tanh", time_embedding="concatsquash",
+        zero_init=False, trace="exact", solver="dopri5", atol=1e-5, rtol=1e-5, adjoint=True, T=0.5,
+    ),
+    "fast": dict(trace="exact", solver="rk4", steps=4, eval_solver="dopri5", adjoint=False),
+}
+
+
+def apply_preset(preset: Optional[str], kwargs: dict) -> dict:
+    """Merge a named preset under the caller's keywords (the caller's win).
+
+    A ``steps`` entry becomes ``step_size = T / steps`` for the final ``T``.
+    """
+    if preset is None:
+        return kwargs
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} unknown; choose one of {sorted(PRESETS)}")
+    merged = {**PRESETS[preset], **kwargs}
+    steps = merged.pop("steps", None)
+    if steps is not None and "step_size" not in kwargs:
+        merged["step_size"] = merged.get("T", FFJORDConfig.T) / steps
+    return merged
+
+
 def is_adaptive(solver: str) -> bool:
     """Whether a torchdiffeq method picks its own step sizes (and so takes tolerances)."""
     cls = SOLVERS[solver]

@@ -10,12 +10,14 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
-from .config import FFJORDConfig
+from .config import FFJORDConfig, apply_preset
 from .nets import LayerConditioning, ODENet
 from .ode import AugmentedDynamics, SolveStats, solve
 from .divergence import sample_noise
 
 DEFAULT_HIDDEN = (64, 64, 64)
+ARCH_DEFAULTS = {"activation": "tanh", "time_embedding": "concatsquash", "zero_init": False}
+SMALL_DIM = 4  # up to this dimension the default training trace is exact
 
 
 def default_hidden_dims(input_dim: int) -> List[int]:
@@ -205,21 +207,17 @@ class _FFJORDParams:
     config: FFJORDConfig
     _stats: SolveStats
 
-    def _init_params(
-        self,
-        input_dim: int,
-        hidden_dims: Optional[Sequence[int]],
-        activation,
-        time_embedding: str,
-        zero_init: bool,
-        options: dict,
-        **net_kwargs,
-    ) -> None:
+    def _init_params(self, input_dim: int, preset: Optional[str], options: dict, **net_kwargs) -> None:
         if not (isinstance(input_dim, int) and input_dim > 0):
             raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+        options = apply_preset(preset, {k: v for k, v in options.items() if v is not None})
+        # Small problems: D batched VJPs cost little and the exact trace learns faster per
+        # second than Hutchinson's noisy estimate (benchmarks/toy_race.py, D = 2).
+        options.setdefault("trace", "exact" if input_dim <= SMALL_DIM else "hutchinson")
+        hidden = list(options.pop("hidden_dims", DEFAULT_HIDDEN))
+        arch = {k: options.pop(k) for k in ARCH_DEFAULTS if k in options}
         self.config = FFJORDConfig.from_options(options)
-        hidden = list(DEFAULT_HIDDEN if hidden_dims is None else hidden_dims)
-        self.net = ODENet(input_dim, hidden, activation, time_embedding, zero_init=zero_init, **net_kwargs)
+        self.net = ODENet(input_dim, hidden, **{**ARCH_DEFAULTS, **arch}, **net_kwargs)
         log_T = torch.tensor(math.log(self.config.T))
         if self.config.train_T:
             self.log_T = nn.Parameter(log_T)
@@ -269,11 +267,17 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
 
     :param int input_dim: dimension :math:`D`.
     :param hidden_dims: hidden widths of the vector field (default 64-64-64).
-    :param activation: ``"tanh"`` (default), ``"softplus"``, ``"elu"``, ``"swish"`` or a module.
-    :param str time_embedding: ``"concatsquash"`` (default) or ``"concat"``.
-    :param bool zero_init: start as the identity map (last layer zero), as RNODE does.
+    :param str preset: a named set of options from :data:`pyro_ffjord.config.PRESETS`
+        (``"fast"``: exact trace, backprop through 4 fixed rk4 steps, dopri5 in eval mode;
+        ``"reference"``: the reference code's toy defaults); explicit keywords override it.
 
-    Options (keywords): ``trace`` (``"hutchinson"`` | ``"exact"``, training mode),
+    Architecture keywords: ``activation`` (``"tanh"`` default, ``"softplus"``, ``"elu"``,
+    ``"swish"`` or a module), ``time_embedding`` (``"concatsquash"`` default or ``"concat"``),
+    ``zero_init`` (default False; True starts as the identity map with the last layer zero, as
+    RNODE does, which learned 2-D densities more slowly in benchmarks/toy_race.py).
+
+    Options (keywords): ``trace`` (``"hutchinson"`` | ``"exact"``, training mode; default exact
+    for ``input_dim <= 4``, where it learns faster per second, else Hutchinson),
     ``eval_trace`` (default ``"exact"``), ``noise`` (``"rademacher"`` | ``"gaussian"``),
     ``solver`` (any torchdiffeq method, default ``"dopri5"``), ``eval_solver`` (used in eval
     mode, default ``solver``), ``atol``/``rtol`` (1e-5), ``step_size`` (fixed-step solvers, in
@@ -296,13 +300,11 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
         self,
         input_dim: int,
         hidden_dims: Optional[Sequence[int]] = None,
-        activation: Union[str, Callable, nn.Module] = "tanh",
-        time_embedding: str = "concatsquash",
-        zero_init: bool = True,
+        preset: Optional[str] = None,
         **options,
     ) -> None:
         super().__init__(self._setup, SolveStats())
-        self._init_params(input_dim, hidden_dims, activation, time_embedding, zero_init, options)
+        self._init_params(input_dim, preset, dict(options, hidden_dims=hidden_dims))
 
 
 def ffjord(input_dim: int, hidden_dims: Optional[Sequence[int]] = None, **options) -> FFJORD:

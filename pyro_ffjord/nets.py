@@ -121,7 +121,7 @@ class ODENet(nn.Module):
         context_dim: int = 0,
         conditioning: str = "concat",
         rank: int = 1,
-        zero_init: bool = True,
+        zero_init: bool = False,
     ) -> None:
         super().__init__()
         if time_embedding not in LAYERS:
