@@ -1,11 +1,13 @@
 """FFJORD continuous normalizing flows as Pyro transforms."""
 
+from .autoguide import AutoFFJORD, regularization
 from .conditional import ConditionalFFJORD, conditional_ffjord
 from .ffjord import ConditionedFFJORD, FFJORD, ffjord
 from .nets import ODENet
 from .ode import SolverError, SolveStats
 
 __all__ = [
+    "AutoFFJORD",
     "FFJORD",
     "ConditionalFFJORD",
     "ConditionedFFJORD",
@@ -14,5 +16,6 @@ __all__ = [
     "SolverError",
     "conditional_ffjord",
     "ffjord",
+    "regularization",
 ]
 __version__ = "0.1.0"

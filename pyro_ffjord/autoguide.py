@@ -1,0 +1,69 @@
+"""An autoguide whose posterior is a stack of FFJORD flows, and RNODE penalties in SVI."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+import torch
+from pyro.distributions.transforms import iterated
+from pyro.infer.autoguide import AutoNormalizingFlow
+
+from .conditional import ConditionalFFJORD
+from .ffjord import FFJORD, ffjord
+
+
+def regularization(module: torch.nn.Module) -> torch.Tensor:
+    """The summed RNODE penalty of the latest solves of every FFJORD inside ``module``
+    (a guide, a model's :class:`~pyro.nn.PyroModule`, or a flow); 0 when there is none.
+
+    Add it to an SVI loss computed by hand::
+
+        loss = Trace_ELBO().differentiable_loss(model, guide, *args) + regularization(guide)
+        loss.backward()
+
+    Example::
+
+        >>> flow = FFJORD(2, kinetic=0.1)
+        >>> _ = flow(torch.randn(4, 2))
+        >>> bool(regularization(flow) > 0)
+        True
+    """
+    total = torch.zeros(())
+    for m in module.modules():
+        if isinstance(m, (FFJORD, ConditionalFFJORD)) and m.regularization is not None:
+            total = total + m.regularization
+    return total
+
+
+class AutoFFJORD(AutoNormalizingFlow):
+    """:class:`~pyro.infer.autoguide.AutoNormalizingFlow` with ``num_flows`` FFJORD flows
+    over a standard normal, the one-line CNF guide::
+
+        guide = AutoFFJORD(model, num_flows=2, kinetic=0.01)
+
+    It is the same as ``AutoNormalizingFlow(model, partial(iterated, num_flows, ffjord,
+    **options))``. A single CNF is already a universal flow; a second one mainly adds depth
+    in time. Keyword options are those of :class:`~pyro_ffjord.FFJORD`.
+
+    :param callable model: a Pyro model.
+    :param int num_flows: flows in sequence.
+    :param hidden_dims: widths of each flow's vector field (default from :func:`ffjord`).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        num_flows: int = 1,
+        hidden_dims: Optional[Sequence[int]] = None,
+        **options,
+    ) -> None:
+        if num_flows < 1:
+            raise ValueError(f"num_flows must be >= 1, got {num_flows}")
+        init = partial(iterated, num_flows, ffjord, hidden_dims=hidden_dims, **options)
+        super().__init__(model, init)
+
+    @property
+    def regularization(self) -> torch.Tensor:
+        """Summed RNODE penalty of the latest guide sample (see :func:`regularization`)."""
+        return regularization(self)
