@@ -268,7 +268,7 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
     :param int input_dim: dimension :math:`D`.
     :param hidden_dims: hidden widths of the vector field (default 64-64-64).
     :param str preset: a named set of options from :data:`pyro_ffjord.config.PRESETS`
-        (``"fast"``: exact trace, backprop through 4 fixed rk4 steps, dopri5 in eval mode;
+        (``"fast"``: exact trace, backprop through 3 fixed rk4 steps, dopri5 in eval mode;
         ``"reference"``: the reference code's toy defaults); explicit keywords override it.
 
     Architecture keywords: ``activation`` (``"tanh"`` default, ``"softplus"``, ``"elu"``,
