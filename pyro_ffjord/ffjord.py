@@ -306,6 +306,11 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
         super().__init__(self._setup, SolveStats())
         self._init_params(input_dim, preset, dict(options, hidden_dims=hidden_dims))
 
+    def train(self, mode: bool = True) -> "FFJORD":
+        # Train and eval modes use different traces/solvers: a cached result is stale.
+        self.clear_cache()
+        return super().train(mode)
+
 
 def ffjord(input_dim: int, hidden_dims: Optional[Sequence[int]] = None, **options) -> FFJORD:
     """A helper in Pyro's style that builds an :class:`FFJORD` with sensible defaults; works as

@@ -57,6 +57,10 @@ class SolveStats:
         self.regularization: Optional[Tensor] = None
         self.last: Optional[AugmentedDynamics] = None
 
+    def __getstate__(self) -> dict:
+        # The latest solve and its penalty hold graph tensors: copies and pickles start clean.
+        return dict(self.__dict__, last=None, regularization=None)
+
     @property
     def nfe_forward(self) -> int:
         return 0 if self.last is None else self.last.nfe_forward

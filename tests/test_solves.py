@@ -199,3 +199,16 @@ def test_fast_preset_solvers():
     flow.eval()
     flow(torch.randn(3, 2))
     assert flow.nfe_forward != 12
+
+
+def test_switching_mode_drops_the_cache():
+    # Train and eval modes differ (trace, solver): the same tensor must be solved again.
+    flow = FFJORD(2, hidden_dims=[8], trace="hutchinson")
+    x = torch.randn(5, 2)
+    y = flow(x)
+    solves = flow.stats.solves
+    flow.eval()
+    y_eval = flow(x)
+    assert flow.stats.solves == solves + 1
+    assert y_eval is not y
+    assert flow(x) is y_eval  # still cached within one mode
