@@ -1,1 +1,2 @@
 from . import toy
+from . import mnist
