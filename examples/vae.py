@@ -1,0 +1,794 @@
+r"""Variational autoencoders with normalizing-flow posteriors, FFJORD's VAE experiment in Pyro.
+
+The model and the recipe are those of the FFJORD paper's variational-inference table
+(Grathwohl, Chen et al., ICLR 2019, section 4.3), which reuses the Sylvester-flows code
+(van den Berg et al., UAI 2018):
+
+- Model: :math:`z \sim \mathcal N(0, I_{64})`, :math:`x \mid z \sim p_\theta(x \mid z)` with
+  a gated transposed-convolution decoder; Bernoulli pixels for binary images (MNIST,
+  Omniglot, Caltech 101 silhouettes), a 256-way categorical per pixel for Frey faces.
+- Guide: a gated convolutional encoder maps :math:`x` to :math:`h` (256 numbers); the
+  posterior is :math:`q(z \mid x) = T_{h}\#\,\mathcal N(\mu(h), \sigma(h)^2)`, a diagonal
+  Gaussian pushed through a stack of flows amortized on :math:`h`
+  (``pyro.distributions.ConditionalTransformedDistribution(...).condition(h)``):
+
+  ========== ==========================================================================
+  ``none``   the diagonal Gaussian alone
+  ``planar`` ``pyro.distributions.transforms.conditional_planar``, ``--num-flows`` times
+  ``iaf``    ``conditional_affine_autoregressive`` (inverse autoregressive flows)
+  ``sylvester`` Householder-Sylvester flows amortized on :math:`h` as in van den Berg et
+             al. (:class:`ConditionalSylvester` below; Pyro's ``Sylvester`` is not
+             conditional)
+  ``householder`` Pyro's ``conditional_householder`` (volume-preserving rotations)
+  ``ffjord`` ``pyro_ffjord.ConditionalFFJORD`` blocks: ``--ffjord-config paper`` is the
+             paper's per-data-set low-rank amortization (``conditioning="lowrank"``),
+             ``lean`` a much smaller context-conditioned field (``conditioning="concat"``)
+  ========== ==========================================================================
+
+- Training: the ELBO of Pyro's ``Trace_ELBO`` (plus RNODE penalties of the FFJORD blocks
+  if ``--kinetic``/``--jacobian`` are set, through ``pyro_ffjord.regularization``), KL
+  warm-up :math:`\beta = \min(\mathrm{epoch}/\mathrm{warmup}, 1)` (epochs counted from 1:
+  0.01 to 1 over 100 epochs by default) applied with ``poutine.scale`` to the latent site
+  ``z`` in *both* the model (prior) and the guide (posterior), so the loss is
+  :math:`-E_q[\log p(x \mid z)] + \beta\,E_q[\log q(z \mid x) - \log p(z)]`; Adamax
+  (lr 5e-4, eps 1e-7, the reference code's), batch 100, early stopping when the validation
+  :math:`-\mathrm{ELBO}` (:math:`\beta = 1`) has not improved for ``--patience`` epochs
+  after warm-up; the best model on validation is the one tested.
+- Evaluation (the paper's): :math:`\beta = 1`, flows in eval mode (FFJORD: exact trace and
+  adaptive dopri5), one :math:`z` per test point, mean over the test set. Beyond the paper,
+  an importance-sampled NLL :math:`-\log \frac1K \sum_k p(x, z_k) / q(z_k \mid x)` with
+  ``--is-samples`` samples per point.
+- Units: nats per image for binary data. Frey faces: bits per dimension,
+  :math:`-\mathrm{ELBO} / (560 \ln 2)`, the unit of the Frey column of the paper's table
+  (the Sylvester/FFJORD code divides the loss in nats by ``prod(input_size) * ln 2``); both
+  are in the results.
+
+Outputs ``<out>/results.json`` and ``<out>/checkpoint.pt`` (state dicts and plain values,
+read back with ``torch.load(weights_only=True)``; ``--resume`` continues from it).
+
+Run::
+
+    python examples/vae.py --dataset freyfaces --flow ffjord --epochs 20 --width 0.25
+    python examples/vae.py --dataset mnist --flow planar --quick     # seconds
+
+The full paper budget (up to 2000 epochs, full-width nets, the paper's FFJORD configuration:
+145M parameters on MNIST) needs a GPU; see ``docs/vae.md`` for the budget-matched CPU table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Transform, constraints
+from tqdm.auto import tqdm
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.transforms import (
+    conditional_affine_autoregressive,
+    conditional_householder,
+    conditional_planar,
+)
+from pyro.infer import Trace_ELBO
+
+from pyro_ffjord import ConditionalFFJORD, regularization
+from pyro_ffjord.config import is_adaptive
+
+DATASETS = ("mnist", "omniglot", "freyfaces", "caltech")
+FLOWS = ("none", "planar", "iaf", "sylvester", "householder", "ffjord")
+H_DIM = 256  # encoder output h, the context of every amortized flow
+
+# The paper's amortized low-rank CNF posteriors, per data set (rank, hidden dims, blocks,
+# nonlinearity) as in the FFJORD reference code's README; "concat" time embedding, T = 0.5,
+# dopri5 at 1e-5, Hutchinson's trace with Rademacher probes while training.
+PAPER_FFJORD = {
+    "mnist": dict(rank=64, hidden_dims=[1024, 1024], blocks=2, activation="softplus"),
+    "omniglot": dict(rank=20, hidden_dims=[512, 512], blocks=5, activation="softplus"),
+    "freyfaces": dict(rank=20, hidden_dims=[512, 512], blocks=2, activation="softplus"),
+    "caltech": dict(rank=20, hidden_dims=[2048], blocks=1, activation="tanh"),
+}
+# Ours for CPU budgets: one block whose field sees h through its first layer ("concat"
+# conditioning: a per-sample bias W_c h), trained with 4 fixed rk4 steps (backprop through
+# the solver) and scored with adaptive dopri5 and the exact trace.
+LEAN_FFJORD = dict(
+    conditioning="concat", rank=1, hidden_dims=[256, 256], blocks=1, activation="softplus",
+    solver="rk4", steps=4,
+)
+
+
+# --- data ---------------------------------------------------------------------------------------
+class VAEData(NamedTuple):
+    """Images as float tensors (N, C, H, W): binary data in {0, 1} (a non-binary training set
+    in [0, 1] is re-binarized every batch); Frey faces as pixel values 0..255 (``categorical``)."""
+
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    likelihood: str  # "bernoulli" or "categorical"
+    image_shape: tuple
+    info: dict  # provenance, split and binarization, for results.json
+
+
+def load(dataset: str, data_dir: str, seed: int = 0, binarization: str = "static") -> VAEData:
+    """Adapter over ``pyro_ffjord.datasets``: the three splits, the likelihood and the image
+    shape of ``dataset``, read from ``data_dir``."""
+    if dataset == "mnist":
+        from pyro_ffjord.datasets import mnist
+
+        if mnist.amat_available(data_dir):  # the paper's data: Larochelle & Murray's binarization
+            splits = mnist.load_binarized_mnist(data_dir)
+            info = {"source": "binarized_mnist_{train,valid,test}.amat", "binarization": "published static"}
+        else:
+            splits = mnist.load_mnist(data_dir, binarize=binarization, seed=seed)
+            info = {"source": "IDX files", "binarization": binarization + (f" (seed {seed})" if binarization == "static" else "")}
+        info["split"] = "50k/10k/10k (train = first 50k of the training file, valid = its last 10k, test = t10k)"
+        likelihood, shape = "bernoulli", (1, 28, 28)
+    elif dataset == "omniglot":
+        from pyro_ffjord.datasets import omniglot
+
+        splits = omniglot.load(data_dir, seed=seed)
+        info = {"binarization": "train dynamic, valid/test static (seeded)"}
+        likelihood, shape = "bernoulli", (1, 28, 28)
+    elif dataset == "freyfaces":
+        from pyro_ffjord.datasets import freyfaces
+
+        splits = freyfaces.load(data_dir, seed=seed)
+        info = {"split": f"1565/200/200 after a shuffle seeded with {seed}"}
+        likelihood, shape = "categorical", (1, 28, 20)
+    elif dataset == "caltech":
+        from pyro_ffjord.datasets import caltech
+
+        splits = caltech.load(data_dir, seed=seed)
+        info = {"split": getattr(splits, "split", None)}
+        likelihood, shape = "bernoulli", (1, 28, 28)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    train, valid, test = (_images(getattr(splits, k), shape, likelihood) for k in ("train", "valid", "test"))
+    info.update({k: v for k, v in getattr(splits, "info", {}).items() if _plain(v)})
+    info["sizes"] = [len(train), len(valid), len(test)]
+    return VAEData(train, valid, test, likelihood, shape, info)
+
+
+def _images(x, shape, likelihood) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    x = x.reshape(x.shape[0], *shape)
+    if likelihood == "categorical":
+        if x.is_floating_point() and float(x.max()) <= 1.0:
+            x = torch.round(x * 255)
+        return x.to(torch.float32)
+    if not x.is_floating_point():
+        x = x.to(torch.float32) / (255.0 if int(x.max()) > 1 else 1.0)
+    return x.to(torch.float32)
+
+
+def _plain(v) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None))) or (
+        isinstance(v, (list, tuple)) and all(isinstance(e, (str, int, float, bool)) for e in v)
+    )
+
+
+# --- encoder and decoder ------------------------------------------------------------------------
+class GatedConv2d(nn.Module):
+    """``conv_a(x) * sigmoid(conv_g(x))``."""
+
+    def __init__(self, cin, cout, kernel, stride, padding):
+        super().__init__()
+        self.a = nn.Conv2d(cin, cout, kernel, stride, padding)
+        self.g = nn.Conv2d(cin, cout, kernel, stride, padding)
+
+    def forward(self, x):
+        return self.a(x) * torch.sigmoid(self.g(x))
+
+
+class GatedConvTranspose2d(nn.Module):
+    """``convT_a(x) * sigmoid(convT_g(x))``."""
+
+    def __init__(self, cin, cout, kernel, stride, padding, output_padding=0):
+        super().__init__()
+        self.a = nn.ConvTranspose2d(cin, cout, kernel, stride, padding, output_padding)
+        self.g = nn.ConvTranspose2d(cin, cout, kernel, stride, padding, output_padding)
+
+    def forward(self, x):
+        return self.a(x) * torch.sigmoid(self.g(x))
+
+
+def _ch(n: int, width: float) -> int:
+    return max(2, int(round(n * width)))
+
+
+class Encoder(nn.Module):
+    """The Sylvester-flows encoder: six gated convolutions to ``h`` (256), then linear heads
+    for the mean and (softplus) variance of the base Gaussian. ``width`` scales the channels
+    (32, 64) of the hidden layers; ``h`` stays 256."""
+
+    def __init__(self, image_shape, latent_dim, width=1.0, categorical=False):
+        super().__init__()
+        c, H, W = image_shape
+        c32, c64 = _ch(32, width), _ch(64, width)
+        last = (H // 4, W // 4)  # 7x7 for 28x28, 7x5 for Frey's 28x20
+        self.net = nn.Sequential(
+            GatedConv2d(c, c32, 5, 1, 2),
+            GatedConv2d(c32, c32, 5, 2, 2),
+            GatedConv2d(c32, c64, 5, 1, 2),
+            GatedConv2d(c64, c64, 5, 2, 2),
+            GatedConv2d(c64, c64, 5, 1, 2),
+            GatedConv2d(c64, H_DIM, last, 1, 0),
+        )
+        self.loc = nn.Linear(H_DIM, latent_dim)
+        self.var = nn.Linear(H_DIM, latent_dim)
+        self.categorical = categorical
+        self.scale_input = 1.0 / 255 if categorical else 1.0
+
+    def forward(self, x):
+        h = self.net(x * self.scale_input).flatten(1)
+        var = F.softplus(self.var(h))
+        # Multinomial (Frey) data: the reference clamps the variance to [0.01, 7].
+        var = var.clamp(0.01, 7.0) if self.categorical else var + 1e-8
+        return h, self.loc(h), var.sqrt()
+
+
+class Decoder(nn.Module):
+    """Gated transposed convolutions from ``z`` to per-pixel logits: (N, C, H, W) Bernoulli
+    logits, or (N, C, H, W, 256) categorical logits."""
+
+    def __init__(self, image_shape, latent_dim, width=1.0, categorical=False):
+        super().__init__()
+        c, H, W = image_shape
+        c32, c64 = _ch(32, width), _ch(64, width)
+        last = (H // 4, W // 4)
+        self.net = nn.Sequential(
+            GatedConvTranspose2d(latent_dim, c64, last, 1, 0),
+            GatedConvTranspose2d(c64, c64, 5, 1, 2),
+            GatedConvTranspose2d(c64, c32, 5, 2, 2, 1),
+            GatedConvTranspose2d(c32, c32, 5, 1, 2),
+            GatedConvTranspose2d(c32, c32, 5, 2, 2, 1),
+            GatedConvTranspose2d(c32, c32, 5, 1, 2),
+        )
+        self.categorical = categorical
+        self.image_shape = tuple(image_shape)
+        if categorical:
+            self.out = nn.Sequential(nn.Conv2d(c32, _ch(256, width), 5, 1, 2), nn.Conv2d(_ch(256, width), c * 256, 1))
+        else:
+            self.out = nn.Conv2d(c32, c, 1)
+
+    def forward(self, z):
+        batch = z.shape[:-1]
+        y = self.out(self.net(z.reshape(-1, z.shape[-1], 1, 1)))
+        if self.categorical:
+            c, H, W = self.image_shape
+            y = y.reshape(-1, c, 256, H, W).permute(0, 1, 3, 4, 2)
+        return y.reshape(*batch, *y.shape[1:])
+
+
+# --- Householder-Sylvester flows amortized on h --------------------------------------------------
+class ConditionedSylvester(Transform):
+    r"""``z' = z + Q R tanh(S Q^T z + b)`` for per-sample parameters, with ``Q`` a product of
+    Householder reflections and ``R``, ``S`` upper triangular; the log-det is
+    :math:`\sum_i \log|1 + R_{ii} S_{ii} \tanh'(\cdot)_i|`."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, Q, R, S, b):
+        super().__init__(cache_size=1)
+        self.Q, self.R, self.S, self.b = Q, R, S, b  # (..., D, D) x3, (..., D)
+        self._ladj = None
+
+    def _call(self, z):
+        # Row vectors: pre = z Q S^T + b, z' = z + tanh(pre) R^T Q^T.
+        qz = (z.unsqueeze(-2) @ self.Q).squeeze(-2)
+        pre = (qz.unsqueeze(-2) @ self.S.transpose(-1, -2)).squeeze(-2) + self.b
+        act = torch.tanh(pre)
+        y = z + ((act.unsqueeze(-2) @ self.R.transpose(-1, -2)) @ self.Q.transpose(-1, -2)).squeeze(-2)
+        diag = self.R.diagonal(dim1=-2, dim2=-1) * self.S.diagonal(dim1=-2, dim2=-1)
+        self._ladj = (z, y, torch.log(torch.abs(1 + diag * (1 - act.pow(2)))).sum(-1))
+        return y
+
+    def _inverse(self, y):
+        raise NotImplementedError("Sylvester flows have no closed-form inverse; score samples of rsample()")
+
+    def log_abs_det_jacobian(self, x, y):
+        if self._ladj is None or self._ladj[0] is not x or self._ladj[1] is not y:
+            self._call(x)
+        return self._ladj[2]
+
+
+class ConditionalSylvester(ConditionalTransformModule):
+    """Householder-Sylvester flows (van den Berg et al. 2018, "H-SNF") whose parameters are
+    linear functions of the context, as in their amortized VAE: per flow, one D x D matrix
+    whose upper triangle is R's and whose lower triangle (transposed) is S's, diagonals
+    ``tanh``-squashed, a bias and ``num_householder`` reflection vectors.
+
+    (Pyro's non-conditional ``Sylvester`` computes ``z + tanh(z S Q^T + b) Q R`` but the
+    log-det of ``z + Q R tanh(S Q^T z + b)``; the two differ once ``Q`` is not the identity.)
+    """
+
+    def __init__(self, input_dim, context_dim, num_householder=8):
+        super().__init__()
+        D = input_dim
+        self.input_dim, self.num_householder = D, num_householder
+        self.dense = nn.Linear(context_dim, D * D)
+        self.diag1 = nn.Linear(context_dim, D)
+        self.diag2 = nn.Linear(context_dim, D)
+        self.bias = nn.Linear(context_dim, D)
+        self.house = nn.Linear(context_dim, num_householder * D)
+        self.register_buffer("triu", torch.triu(torch.ones(D, D), diagonal=1))
+        for m in (self.dense, self.diag1, self.diag2, self.bias):
+            nn.init.uniform_(m.weight, -0.01, 0.01)
+            nn.init.uniform_(m.bias, -0.01, 0.01)
+
+    def condition(self, context):
+        D = self.input_dim
+        batch = context.shape[:-1]
+        full = self.dense(context).reshape(*batch, D, D)
+        eye = torch.eye(D, dtype=context.dtype, device=context.device)
+        R = full * self.triu + torch.diag_embed(torch.tanh(self.diag1(context)))
+        S = full.transpose(-1, -2) * self.triu + torch.diag_embed(torch.tanh(self.diag2(context)))
+        v = self.house(context).reshape(*batch, self.num_householder, D)
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        Q = eye.expand(*batch, D, D)
+        for k in range(self.num_householder):
+            vk = v[..., k, :]
+            Q = Q - 2 * (Q @ vk.unsqueeze(-1)) @ vk.unsqueeze(-2)  # Q H_k
+        return ConditionedSylvester(Q, R, S, self.bias(context))
+
+
+# --- the VAE --------------------------------------------------------------------------------------
+def ffjord_settings(args) -> dict:
+    """The FFJORD blocks' configuration: the chosen base config with command-line overrides."""
+    if args.ffjord_config == "paper":
+        cfg = dict(PAPER_FFJORD[args.dataset], conditioning="lowrank", solver="dopri5", steps=None)
+    else:
+        cfg = dict(LEAN_FFJORD)
+    for key in ("rank", "hidden_dims", "blocks", "activation", "conditioning", "solver", "steps"):
+        value = getattr(args, "ffjord_" + key)
+        if value is not None:
+            cfg[key] = value
+    cfg.update(
+        time_embedding="concat", T=args.ffjord_T, atol=args.ffjord_tol, rtol=args.ffjord_tol,
+        trace="hutchinson", noise="rademacher", eval_trace="exact", eval_solver="dopri5",
+        adjoint=args.adjoint, kinetic=args.kinetic, jacobian=args.jacobian,
+    )
+    return cfg
+
+
+def build_flows(args, latent_dim: int) -> nn.ModuleList:
+    K, flow = args.num_flows, args.flow
+    hyper = list(args.hypernet_hidden)
+    if flow == "none":
+        return nn.ModuleList()
+    if flow == "planar":
+        return nn.ModuleList(conditional_planar(latent_dim, H_DIM, hidden_dims=hyper) for _ in range(K))
+    if flow == "iaf":
+        return nn.ModuleList(
+            conditional_affine_autoregressive(latent_dim, H_DIM, hidden_dims=[args.iaf_hidden]) for _ in range(K)
+        )
+    if flow == "sylvester":
+        return nn.ModuleList(ConditionalSylvester(latent_dim, H_DIM, args.num_householder) for _ in range(K))
+    if flow == "householder":
+        return nn.ModuleList(
+            [conditional_householder(latent_dim, H_DIM, hidden_dims=hyper, count_transforms=args.num_householder)]
+        )
+    if flow == "ffjord":
+        cfg = ffjord_settings(args)
+        blocks, steps = cfg.pop("blocks"), cfg.pop("steps")
+        if not is_adaptive(cfg["solver"]):
+            cfg["step_size"] = cfg["T"] / (steps or 4)
+        return nn.ModuleList(ConditionalFFJORD(latent_dim, H_DIM, **cfg) for _ in range(blocks))
+    raise ValueError(f"unknown flow {flow!r}; choose one of {FLOWS}")
+
+
+class VAE(nn.Module):
+    def __init__(self, image_shape, likelihood, latent_dim, width, flows: nn.ModuleList):
+        super().__init__()
+        categorical = likelihood == "categorical"
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood
+        self.encoder = Encoder(image_shape, latent_dim, width, categorical)
+        self.decoder = Decoder(image_shape, latent_dim, width, categorical)
+        self.flows = flows
+
+    # The three distributions, shared by the Pyro model/guide and the evaluation.
+    def prior(self, batch: int, like: torch.Tensor):
+        return dist.Normal(like.new_zeros(batch, self.latent_dim), 1.0).to_event(1)
+
+    def observation(self, z):
+        logits = self.decoder(z)
+        if self.likelihood == "categorical":
+            return dist.Categorical(logits=logits).to_event(3)
+        return dist.Bernoulli(logits=logits).to_event(3)
+
+    def posterior(self, x):
+        h, loc, scale = self.encoder(x)
+        base = dist.Normal(loc, scale).to_event(1)
+        if len(self.flows) == 0:
+            return base
+        return dist.ConditionalTransformedDistribution(base, list(self.flows)).condition(h)
+
+    def model(self, x, beta=1.0):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            with poutine.scale(scale=beta):  # beta * log p(z): the prior half of the KL term
+                z = pyro.sample("z", self.prior(x.shape[0], x))
+            obs = x.long() if self.likelihood == "categorical" else x
+            pyro.sample("x", self.observation(z), obs=obs)
+
+    def guide(self, x, beta=1.0):
+        pyro.module("encoder", self.encoder)
+        pyro.module("flows", self.flows)
+        q = self.posterior(x)
+        with pyro.plate("data", x.shape[0]):
+            with poutine.scale(scale=beta):  # beta * log q(z|x): the posterior half
+                pyro.sample("z", q)
+
+    @torch.no_grad()
+    def log_weights(self, x) -> torch.Tensor:
+        """``log p(x, z) - log q(z | x)`` for one ``z ~ q(. | x)`` per row of ``x``."""
+        q = self.posterior(x)
+        z = q.rsample()
+        log_q = q.log_prob(z)  # cached: no second solve
+        obs = x.long() if self.likelihood == "categorical" else x
+        return self.observation(z).log_prob(obs) + self.prior(x.shape[0], x).log_prob(z) - log_q
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# --- training and evaluation ----------------------------------------------------------------------
+def batches(n: int, batch_size: int, generator: Optional[torch.Generator] = None):
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
+
+
+@torch.no_grad()
+def evaluate(vae: VAE, x: torch.Tensor, args, seed: int, is_samples: int = 0, is_points: Optional[int] = None,
+             desc: str = "eval") -> dict:
+    """Negative ELBO (beta = 1, one sample per point) and, if ``is_samples``, the importance-
+    sampled NLL with that many samples per point, in nats per image; flows in eval mode."""
+    was_training = vae.training
+    vae.eval()
+    rng = torch.get_rng_state()
+    pyro.set_rng_seed(seed)
+    try:
+        elbos = []
+        for idx in tqdm(list(batches(len(x), args.eval_batch_size)), desc=desc, disable=args.no_progress, leave=False):
+            elbos.append(vae.log_weights(x[idx].to(args.device)).cpu())
+        elbo = torch.cat(elbos).double()
+        out = {
+            "neg_elbo": float(-elbo.mean()),
+            "neg_elbo_se": float(elbo.std() / math.sqrt(len(elbo))) if len(elbo) > 1 else 0.0,
+            "points": len(elbo),
+            "finite": bool(torch.isfinite(elbo).all()),
+        }
+        if is_samples:
+            xs = x[: is_points or len(x)]
+            per = max(1, args.eval_batch_size // is_samples)  # points per chunk
+            reps = min(is_samples, args.eval_batch_size)  # samples per pass
+            nll = []
+            for idx in tqdm(list(batches(len(xs), per)), desc="IS", disable=args.no_progress, leave=False):
+                xb = xs[idx].to(args.device)
+                lw = []
+                done = 0
+                while done < is_samples:
+                    k = min(reps, is_samples - done)
+                    lw.append(vae.log_weights(xb.repeat(k, *[1] * (xb.dim() - 1))).reshape(k, len(xb)).cpu())
+                    done += k
+                lw = torch.cat(lw).double()
+                nll.append(-(torch.logsumexp(lw, 0) - math.log(is_samples)))
+            nll = torch.cat(nll)
+            out.update(nll_is=float(nll.mean()), nll_is_se=float(nll.std() / math.sqrt(len(nll))) if len(nll) > 1 else 0.0,
+                       is_samples=is_samples, is_points=len(nll))
+    finally:
+        torch.set_rng_state(rng)
+        vae.train(was_training)
+    return out
+
+
+def nfe_total(vae: VAE) -> int:
+    return sum(m.stats.nfe_forward_total for m in vae.flows if isinstance(m, ConditionalFFJORD))
+
+
+def machine_info(args) -> dict:
+    proc = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            proc = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if str(args.device).startswith("cuda") and torch.cuda.is_available():
+        proc = torch.cuda.get_device_name(torch.device(args.device))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        rev = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+        "processor": proc,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "revision": rev,
+    }
+
+
+def unit_of(likelihood: str, image_shape) -> dict:
+    if likelihood == "categorical":
+        dims = math.prod(image_shape)
+        return {"unit": "bits/dim", "unit_note": f"-ELBO in nats per image / ({dims} ln 2), the paper's unit for "
+                "Frey faces (the Sylvester/FFJORD code's bits per dimension of a 256-way categorical "
+                "likelihood); *_nats fields are nats per image", "nats_per_unit": dims * math.log(2)}
+    return {"unit": "nats", "unit_note": "nats per image", "nats_per_unit": 1.0}
+
+
+def _atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main(args) -> dict:
+    if args.quick:
+        args.epochs = 1 if args.epochs is None else args.epochs
+        args.subset = args.subset or 100
+        args.width = 0.125 if args.width is None else args.width
+        args.valid_points = args.valid_points or 50
+        args.test_points = args.test_points or 50
+        args.is_samples = min(args.is_samples, 4)
+        args.num_flows = min(args.num_flows, 2)
+        args.hypernet_hidden = [32]
+        args.iaf_hidden = 64
+        args.num_householder = min(args.num_householder, 2)
+        if args.ffjord_hidden_dims is None:
+            args.ffjord_hidden_dims = [32]
+        if args.ffjord_config == "lean" and args.ffjord_steps is None:
+            args.ffjord_steps = 2
+        args.ffjord_tol = max(args.ffjord_tol, 1e-3)
+    args.epochs = 100 if args.epochs is None else args.epochs
+    args.width = 1.0 if args.width is None else args.width
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    start_wall = time.perf_counter()
+
+    data = load(args.dataset, args.data_dir, seed=args.data_seed, binarization=args.binarization)
+    train = data.train[: args.subset] if args.subset else data.train
+    valid = data.valid[: args.valid_points] if args.valid_points else data.valid
+    test = data.test[: args.test_points] if args.test_points else data.test
+    dynamic = data.likelihood == "bernoulli" and not bool(((train == 0) | (train == 1)).all())
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    vae = VAE(data.image_shape, data.likelihood, args.latent_dim, args.width, build_flows(args, args.latent_dim))
+    vae.to(args.device)
+    optimizer = torch.optim.Adamax(vae.parameters(), lr=args.lr, eps=1e-7)
+    elbo = Trace_ELBO()
+    shuffle = torch.Generator().manual_seed(args.seed)
+    binarize = torch.Generator().manual_seed(args.seed + 1)
+
+    start_epoch, best, best_epoch, bad_epochs, history = 1, math.inf, 0, 0, []
+    best_state = None
+    train_seconds = 0.0
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=args.device, weights_only=True)
+        vae.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        best_state = ck["best_model"]
+        start_epoch, best, best_epoch = ck["epoch"] + 1, ck["best_valid"], ck["best_epoch"]
+        bad_epochs, history, train_seconds = ck["bad_epochs"], ck["history"], ck["train_seconds"]
+        torch.set_rng_state(ck["rng"])
+        shuffle.set_state(ck["shuffle_rng"])
+        binarize.set_state(ck["binarize_rng"])
+        if ck.get("stopped"):
+            start_epoch = args.epochs + 1
+
+    def valid_neg_elbo(epoch):
+        return evaluate(vae, valid, args, seed=args.seed + 2, desc="valid")["neg_elbo"]
+
+    if start_epoch == 1 and args.validate_initial:
+        history.append({"epoch": 0, "valid_neg_elbo": valid_neg_elbo(0)})
+
+    stopped = False
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, args.epochs + 1):
+        beta = min(epoch / args.warmup_epochs, 1.0) if args.warmup_epochs > 0 else 1.0
+        vae.train()
+        losses, t0, nfe0 = [], time.perf_counter(), nfe_total(vae)
+        bar = tqdm(list(batches(len(train), args.batch_size, shuffle)), desc=f"epoch {epoch}",
+                   disable=args.no_progress, leave=False)
+        for idx in bar:
+            x = train[idx]
+            if dynamic:
+                x = torch.bernoulli(x, generator=binarize)
+            x = x.to(args.device)
+            loss = elbo.differentiable_loss(vae.model, vae.guide, x, beta) / x.shape[0]
+            total = loss + regularization(vae.flows).to(loss.device)
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            losses.append(loss.detach().item())
+            bar.set_postfix(loss=f"{losses[-1]:.2f}")
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        record = {
+            "epoch": epoch, "beta": beta, "train_loss": sum(losses) / len(losses), "train_losses": losses,
+            "seconds": epoch_seconds,
+        }
+        if args.flow == "ffjord":
+            record["nfe_forward_per_step"] = (nfe_total(vae) - nfe0) / len(losses)
+        if epoch % args.valid_every == 0 or epoch == args.epochs:
+            v0 = time.perf_counter()
+            v = valid_neg_elbo(epoch)
+            record.update(valid_neg_elbo=v, valid_seconds=time.perf_counter() - v0)
+            if v < best:
+                best, best_epoch, bad_epochs = v, epoch, 0
+                best_state = {k: t.detach().clone() for k, t in vae.state_dict().items()}
+            elif epoch > args.warmup_epochs:
+                bad_epochs += args.valid_every
+            stopped = bad_epochs > args.patience
+        history.append(record)
+        if not args.no_progress:
+            tqdm.write(f"epoch {epoch}: beta {beta:.3f} train loss {record['train_loss']:.3f}"
+                       + (f" valid -ELBO {record['valid_neg_elbo']:.3f}" if "valid_neg_elbo" in record else ""))
+        if args.checkpoint_every and (epoch % args.checkpoint_every == 0 or stopped or epoch == args.epochs):
+            _atomic_save({
+                "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_state,
+                "epoch": epoch, "best_valid": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                "history": history, "train_seconds": train_seconds, "rng": torch.get_rng_state(),
+                "shuffle_rng": shuffle.get_state(), "binarize_rng": binarize.get_state(), "stopped": stopped,
+            }, ckpt_path)
+        if stopped:
+            break
+
+    if best_state is not None:
+        vae.load_state_dict(best_state)
+    t0 = time.perf_counter()
+    res = evaluate(vae, test, args, seed=args.seed + 3, is_samples=args.is_samples, is_points=args.is_points,
+                   desc="test")
+    eval_seconds = time.perf_counter() - t0
+    unit = unit_of(data.likelihood, data.image_shape)
+    per = unit["nats_per_unit"]
+    epochs_trained = [h for h in history if h["epoch"] > 0]
+    results = {
+        "dataset": args.dataset,
+        "flow": args.flow,
+        "epochs": args.epochs,
+        "epochs_trained": len(epochs_trained),
+        "last_epoch": epoch if epochs_trained else 0,
+        "best_epoch": best_epoch,
+        "stopped_early": stopped,
+        "params": count_params(vae),
+        "params_encoder": count_params(vae.encoder),
+        "params_decoder": count_params(vae.decoder),
+        "params_flow": count_params(vae.flows),
+        "device": args.device,
+        "wall_s": time.perf_counter() - start_wall,
+        "train_s": train_seconds,
+        "seconds_per_epoch": train_seconds / len(epochs_trained) if epochs_trained else None,
+        "eval_s": eval_seconds,
+        "test_neg_elbo": res["neg_elbo"] / per,
+        "test_neg_elbo_se": res["neg_elbo_se"] / per,
+        "test_neg_elbo_nats": res["neg_elbo"],
+        "test_nll_is": res["nll_is"] / per if "nll_is" in res else None,
+        "test_nll_is_se": res["nll_is_se"] / per if "nll_is" in res else None,
+        "test_nll_is_nats": res.get("nll_is"),
+        "is_samples": res.get("is_samples", 0),
+        "is_points": res.get("is_points", 0),
+        "test_points": res["points"],
+        "best_valid_neg_elbo_nats": best if math.isfinite(best) else None,
+        **unit,
+        "evaluation": "beta = 1, flows in eval mode (FFJORD: exact trace, dopri5), one z per test point, "
+                      "mean over the test points; IS-NLL: -log mean_k p(x, z_k)/q(z_k|x), z_k ~ q",
+        "likelihood": data.likelihood,
+        "image_shape": list(data.image_shape),
+        "data": dict(data.info, train_used=len(train), valid_used=len(valid), test_used=len(test),
+                     dynamic_binarization=dynamic, data_seed=args.data_seed),
+        "budget": {
+            "epochs": args.epochs, "subset": args.subset, "width": args.width, "latent_dim": args.latent_dim,
+            "batch_size": args.batch_size, "lr": args.lr, "warmup_epochs": args.warmup_epochs,
+            "patience": args.patience, "valid_every": args.valid_every, "valid_points": len(valid),
+            "test_points": len(test), "is_samples": args.is_samples, "is_points": args.is_points,
+            "paper_budget": "up to 2000 epochs, warm-up 100, patience 35 (code), full width, full data",
+        },
+        "ffjord": ffjord_settings(args) if args.flow == "ffjord" else None,
+        "flow_settings": {"num_flows": args.num_flows, "hypernet_hidden": args.hypernet_hidden,
+                          "iaf_hidden": args.iaf_hidden, "num_householder": args.num_householder},
+        "machine": machine_info(args),
+        "args": {k: v for k, v in vars(args).items() if _plain(v)},
+        "history": history,
+        "finite": res["finite"],
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if not args.no_progress:
+        print(f"{args.dataset} {args.flow}: test -ELBO {results['test_neg_elbo']:.4f} {unit['unit']}, "
+              f"IS-NLL {results['test_nll_is'] if results['test_nll_is'] is None else round(results['test_nll_is'], 4)}, "
+              f"{results['params']} params, {results['seconds_per_epoch']} s/epoch")
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=DATASETS, default="mnist")
+    p.add_argument("--flow", choices=FLOWS, default="ffjord")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 100; the paper: up to 2000)")
+    p.add_argument("--data-dir", default=None, help="data folder (default ../shared/data/<dataset folder>)")
+    p.add_argument("--out", default=None, help="output folder (default out/vae/<dataset>-<flow>)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, minibatches, binarization, noise")
+    p.add_argument("--data-seed", type=int, default=0, help="data splits and static binarization")
+    p.add_argument("--subset", type=int, default=None, help="use the first N training examples")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--binarization", choices=("static", "dynamic"), default="static", help="MNIST")
+    # model and flows
+    p.add_argument("--latent-dim", type=int, default=64)
+    p.add_argument("--width", type=float, default=None, help="channel multiplier of the conv nets (default 1)")
+    p.add_argument("--num-flows", type=int, default=4, help="planar / iaf / sylvester flows in sequence")
+    p.add_argument("--hypernet-hidden", type=int, nargs="+", default=[256],
+                   help="hidden widths of Pyro's DenseNN hypernets (planar, householder)")
+    p.add_argument("--iaf-hidden", type=int, default=640, help="hidden width of each IAF's conditional MADE")
+    p.add_argument("--num-householder", type=int, default=8, help="reflections per Sylvester flow")
+    p.add_argument("--ffjord-config", choices=("paper", "lean"), default="lean")
+    p.add_argument("--ffjord-rank", type=int, default=None)
+    p.add_argument("--ffjord-hidden-dims", type=int, nargs="+", default=None)
+    p.add_argument("--ffjord-blocks", type=int, default=None)
+    p.add_argument("--ffjord-activation", default=None)
+    p.add_argument("--ffjord-conditioning", choices=("concat", "lowrank", "bias"), default=None)
+    p.add_argument("--ffjord-solver", default=None, help="training solver (paper: dopri5; lean: rk4)")
+    p.add_argument("--ffjord-steps", type=int, default=None, help="steps of a fixed-step training solver")
+    p.add_argument("--ffjord-tol", type=float, default=1e-5, help="atol = rtol of dopri5")
+    p.add_argument("--ffjord-T", type=float, default=0.5)
+    p.add_argument("--adjoint", action="store_true", help="adjoint gradients (the reference code's)")
+    p.add_argument("--kinetic", type=float, default=0.0, help="RNODE kinetic-energy weight")
+    p.add_argument("--jacobian", type=float, default=0.0, help="RNODE Jacobian-norm weight")
+    # training
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=int, default=100, help="beta = min(epoch / warmup, 1)")
+    p.add_argument("--patience", type=int, default=35, help="epochs without validation gain after warm-up")
+    p.add_argument("--valid-every", type=int, default=1)
+    p.add_argument("--validate-initial", action="store_true", help="also score the untrained model")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="0: never")
+    # evaluation
+    p.add_argument("--valid-points", type=int, default=None, help="validate on the first N points")
+    p.add_argument("--test-points", type=int, default=None, help="test on the first N points (default all)")
+    p.add_argument("--is-samples", type=int, default=100, help="importance samples per test point (0: skip)")
+    p.add_argument("--is-points", type=int, default=None, help="IS-NLL on the first N test points")
+    p.add_argument("--eval-batch-size", type=int, default=500)
+    # runtime
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--quick", action="store_true", help="tiny budget for tests (seconds)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.data_dir is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        folder = {"mnist": "mnist", "omniglot": "omniglot", "freyfaces": "freyfaces",
+                  "caltech": "caltech101_silhouettes"}[args.dataset]
+        args.data_dir = os.path.join(here, "..", "..", "shared", "data", folder)
+    if args.out is None:
+        args.out = os.path.join("out", "vae", f"{args.dataset}-{args.flow}")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
