@@ -31,7 +31,8 @@ Example::
     data = load_mnist("../shared/data/mnist")        # seeded static binarization, seed 0
     data.train.shape, data.valid.shape, data.test.shape
     # (torch.Size([50000, 784]), torch.Size([10000, 784]), torch.Size([10000, 784]))
-    x = dynamic_binarize(load_mnist(root, binarize="dynamic").train[:100])   # one batch
+    grey = load_mnist("../shared/data/mnist", binarize="dynamic")   # intensities in [0, 1]
+    x = dynamic_binarize(grey.train[:100])                          # one fresh batch
 """
 
 from __future__ import annotations
