@@ -312,6 +312,7 @@ def machine_info(args) -> dict:
         "threads": torch.get_num_threads(),
         "device": args.device,
         "revision": rev,
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if args.device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(args.device)
@@ -363,6 +364,7 @@ def main(args) -> dict:
         args.flow_hidden = [16, 16]
         args.latent_dim = min(args.latent_dim, 4)
     torch.set_num_threads(args.threads)
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -386,7 +388,7 @@ def main(args) -> dict:
     plot_samples(samples, titles, png)
     payload = {
         "example": "flow_prior",
-        "machine": machine_info(args),
+        "machine": {**machine_info(args), "load_average_at_start": load_at_start},
         "args": vars(args),
         "data": {"name": "MNIST", "binarization": "static", "binarize_seed": args.binarize_seed,
                  "train_images": len(train_x), "test_images": len(test_x),
