@@ -278,7 +278,7 @@ def plot_samples(samples: Dict[str, Tensor], titles: Dict[str, str], path: Path)
     fig, axes = plt.subplots(1, len(samples), figsize=(4.2 * len(samples), 4.6), dpi=90, squeeze=False)
     for ax, (prior, imgs) in zip(axes[0], samples.items()):
         k = int(math.ceil(math.sqrt(len(imgs))))
-        grid = torch.ones(k * 29 - 1, k * 29 - 1)
+        grid = torch.full((k * 29 - 1, k * 29 - 1), 0.2)  # light grey gutters
         for j, img in enumerate(imgs):
             r, c = divmod(j, k)
             grid[r * 29:r * 29 + 28, c * 29:c * 29 + 28] = img
