@@ -122,42 +122,47 @@ class VAEData(NamedTuple):
     info: dict  # provenance, split and binarization, for results.json
 
 
-def load(dataset: str, data_dir: str, seed: int = 0, binarization: str = "static") -> VAEData:
+def load(dataset: str, data_dir: str, seed: Optional[int] = None, binarization: str = "static") -> VAEData:
     """Adapter over ``pyro_ffjord.datasets``: the three splits, the likelihood and the image
-    shape of ``dataset``, read from ``data_dir``."""
-    if dataset == "mnist":
-        from pyro_ffjord.datasets import mnist
+    shape of ``dataset``, read from ``data_dir``. ``seed`` seeds the data set's split and/or
+    static binarization (``None``: the loader's default, e.g. 123 for Frey faces as the
+    reference code)."""
+    from pyro_ffjord.datasets import caltech, freyfaces, mnist, omniglot
 
+    kw = {} if seed is None else {"seed": seed}
+    if dataset == "mnist":
         if mnist.amat_available(data_dir):  # the paper's data: Larochelle & Murray's binarization
             splits = mnist.load_binarized_mnist(data_dir)
             info = {"source": "binarized_mnist_{train,valid,test}.amat", "binarization": "published static"}
         else:
-            splits = mnist.load_mnist(data_dir, binarize=binarization, seed=seed)
-            info = {"source": "IDX files", "binarization": binarization + (f" (seed {seed})" if binarization == "static" else "")}
+            splits = mnist.load_mnist(data_dir, binarize=binarization, **kw)
+            info = {"source": "IDX files", "binarization": binarization
+                    + (f" (seed {splits.seed})" if binarization == "static" else " (re-drawn every batch)")}
         info["split"] = "50k/10k/10k (train = first 50k of the training file, valid = its last 10k, test = t10k)"
         likelihood, shape = "bernoulli", (1, 28, 28)
     elif dataset == "omniglot":
-        from pyro_ffjord.datasets import omniglot
-
-        splits = omniglot.load(data_dir, seed=seed)
-        info = {"binarization": "train dynamic, valid/test static (seeded)"}
+        splits = omniglot.load(data_dir, **kw)
+        info = {"source": "chardata.mat", "binarization": "train re-binarized every batch, valid/test once (seeded)",
+                "split": f"{len(splits.train)}/{len(splits.valid)}/{len(splits.test)} (last training images "
+                         "after a seeded shuffle = valid)"}
         likelihood, shape = "bernoulli", (1, 28, 28)
     elif dataset == "freyfaces":
-        from pyro_ffjord.datasets import freyfaces
-
-        splits = freyfaces.load(data_dir, seed=seed)
-        info = {"split": f"1565/200/200 after a shuffle seeded with {seed}"}
+        splits = freyfaces.load(data_dir, **kw)
+        info = {"source": "freyfaces.pkl", "split": f"1565/200/200 after a shuffle seeded with {splits.seed} "
+                "(numpy RandomState, as the reference code)"}
         likelihood, shape = "categorical", (1, 28, 20)
     elif dataset == "caltech":
-        from pyro_ffjord.datasets import caltech
-
-        splits = caltech.load(data_dir, seed=seed)
-        info = {"split": getattr(splits, "split", None)}
+        splits = caltech.load(data_dir, **kw)
+        info = {"source": os.path.basename(splits.source) if splits.source else None,
+                "split": splits.info.get("split", splits.split), "split_kind": splits.split}
         likelihood, shape = "bernoulli", (1, 28, 28)
     else:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     train, valid, test = (_images(getattr(splits, k), shape, likelihood) for k in ("train", "valid", "test"))
-    info.update({k: v for k, v in getattr(splits, "info", {}).items() if _plain(v)})
+    for k, v in (getattr(splits, "info", None) or {}).items():
+        if _plain(v):
+            info.setdefault(k, v)
+    info["seed"] = getattr(splits, "seed", seed)
     info["sizes"] = [len(train), len(valid), len(test)]
     return VAEData(train, valid, test, likelihood, shape, info)
 
@@ -736,7 +741,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default out/vae/<dataset>-<flow>)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="initialisation, minibatches, binarization, noise")
-    p.add_argument("--data-seed", type=int, default=0, help="data splits and static binarization")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="data split / static binarization seed (default: the loader's; Frey faces 123)")
     p.add_argument("--subset", type=int, default=None, help="use the first N training examples")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--binarization", choices=("static", "dynamic"), default="static", help="MNIST")

@@ -131,6 +131,23 @@ def test_sylvester_log_det_matches_autograd(float64):
     assert torch.allclose(Q @ Q.transpose(-1, -2), torch.eye(5).expand(4, 5, 5), atol=1e-10)
 
 
+@pytest.mark.parametrize("dataset, folder", [("freyfaces", "freyfaces"), ("caltech", "caltech101_silhouettes")])
+def test_quick_run_other_datasets(tmp_path, dataset, folder):
+    if not (DATA / folder).is_dir():
+        pytest.skip(f"no {folder} copy")
+    res = run(tmp_path, "--dataset", dataset, "--data-dir", str(DATA / folder), "--flow", "ffjord", "--quick")
+    assert math.isfinite(res["test_neg_elbo"]) and math.isfinite(res["test_nll_is"])
+    if dataset == "freyfaces":
+        # 256-way categorical per pixel, reported in bits/dim (the paper's unit for Frey faces).
+        assert res["unit"] == "bits/dim" and res["likelihood"] == "categorical"
+        assert res["test_neg_elbo"] * 560 * math.log(2) == pytest.approx(res["test_neg_elbo_nats"])
+        assert 6.0 < res["test_neg_elbo"] < 9.0  # about log2(256) = 8 bits untrained
+        assert res["data"]["seed"] == 123 and res["data"]["sizes"] == [1565, 200, 200]
+    else:
+        assert res["unit"] == "nats" and res["data"]["sizes"] == [4100, 2264, 2307]
+        assert "split" in res["data"]
+
+
 def test_frey_unit_conversion():
     u = vae.unit_of("categorical", (1, 28, 20))
     assert u["unit"] == "bits/dim" and u["nats_per_unit"] == pytest.approx(560 * math.log(2))
