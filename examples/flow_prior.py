@@ -268,6 +268,45 @@ def train(prior: str, args, train_x: Tensor, test_x: Tensor) -> dict:
     return result
 
 
+# -- choosing the flow's options -----------------------------------------------------------------
+TIMED_OPTIONS = {
+    "normal prior (no flow)": None,
+    "hutchinson, rk4 x3 (default)": dict(trace="hutchinson", solver="rk4"),
+    "exact, rk4 x3 (preset 'fast')": dict(trace="exact", solver="rk4"),
+    "hutchinson, dopri5 1e-5": dict(trace="hutchinson", solver="dopri5"),
+    "exact, dopri5 1e-5": dict(trace="exact", solver="dopri5"),
+}
+
+
+def time_options(args, train_x: Tensor, warmup: int = 10, steps: int = 50) -> List[dict]:
+    """Milliseconds per SVI step of a freshly initialised VAE for several flow options (the
+    same batches for each; an adaptive solver's NFE grows as the flow trains, so its figure
+    here is a lower bound)."""
+    rows = []
+    for name, over in TIMED_OPTIONS.items():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        opts = None if over is None else {**flow_options(args), **over}
+        if opts is not None and over["solver"] == "dopri5":
+            opts["step_size"] = None
+        vae = VAE(args.latent_dim, args.hidden, "normal" if over is None else "ffjord", opts).to(args.device)
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": args.lr}), Trace_ELBO())
+        nfe = []
+        batches = max(1, len(train_x) // args.batch_size)
+        for i in range(warmup + steps):
+            if i == warmup:
+                t0 = time.perf_counter()
+            j = i % batches
+            svi.step(train_x[j * args.batch_size:(j + 1) * args.batch_size].to(args.device))
+            if vae.flow is not None and i >= warmup:
+                nfe.append(vae.flow.nfe_forward)
+        ms = 1000 * (time.perf_counter() - t0) / steps
+        rows.append({"options": name, "ms_per_step": ms,
+                     "nfe_per_solve": sum(nfe) / len(nfe) if nfe else 0.0})
+        print(f"{name:>32}: {ms:7.1f} ms/step, NFE/solve {rows[-1]['nfe_per_solve']:.1f}", flush=True)
+    return rows
+
+
 # -- output -------------------------------------------------------------------------------------
 def plot_samples(samples: Dict[str, Tensor], titles: Dict[str, str], path: Path) -> None:
     import matplotlib
@@ -348,6 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--time-options", action="store_true",
+                   help="only time SVI steps for several flow options (writes time_options.json)")
     return p.parse_args(argv)
 
 
@@ -374,6 +415,15 @@ def main(args) -> dict:
     test_x = data.test[: args.test_subset] if args.test_subset else data.test
     print(f"MNIST: {len(train_x)} training images, {len(test_x)} test images, static binarization "
           f"(seed {args.binarize_seed}); loaded in {time.perf_counter() - t_load:.1f} s")
+
+    if args.time_options:
+        rows = time_options(args, train_x, *((2, 3) if args.quick else ()))
+        payload = {"example": "flow_prior", "mode": "time_options", "machine": machine_info(args),
+                   "args": vars(args), "rows": rows}
+        path = out / "time_options.json"
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+        return payload
 
     priors = ["normal", "ffjord"] if args.prior == "both" else [args.prior]
     results, samples = [], {}

@@ -56,6 +56,12 @@ def test_example_quick_writes_json_and_png(tmp_path):
     with pytest.raises(ValueError, match="written with"):
         fp.main(fp.parse_args(argv + ["--resume", "--prior", "ffjord", "--lr", "0.5"]))
 
+    # --time-options: ms per SVI step for each candidate flow configuration
+    timed = fp.main(fp.parse_args(argv + ["--time-options"]))
+    assert len(timed["rows"]) == len(fp.TIMED_OPTIONS)
+    assert all(r["ms_per_step"] > 0 for r in timed["rows"])
+    assert (tmp_path / "time_options.json").exists()
+
 
 MEAN = torch.tensor([1.0, -0.5])
 COV = torch.tensor([[1.0, 0.8], [0.8, 1.0]])
