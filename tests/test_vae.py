@@ -17,6 +17,7 @@ MNIST = DATA / "mnist"
 spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
 vae = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(vae)
+import vae_model  # noqa: E402  (examples/ is on sys.path once vae.py is loaded)
 
 needs_mnist = pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="no MNIST copy")
 
@@ -112,7 +113,7 @@ def test_warmup_scales_the_whole_kl_term():
 
 def test_sylvester_log_det_matches_autograd(float64):
     torch.manual_seed(0)
-    flow = vae.ConditionalSylvester(5, 3, num_householder=3)
+    flow = vae_model.ConditionalSylvester(5, 3, num_householder=3)
     for p in flow.parameters():
         p.data.normal_(0, 0.5)
     context = torch.randn(4, 3)
@@ -156,7 +157,7 @@ def test_frey_unit_conversion():
 
 def test_paper_ffjord_configs():
     counts = {}
-    for name, cfg in vae.PAPER_FFJORD.items():
+    for name, cfg in vae_model.PAPER_FFJORD.items():
         args = vae.parse_args(["--dataset", name, "--flow", "ffjord", "--ffjord-config", "paper"])
         settings = vae.ffjord_settings(args)
         assert settings["conditioning"] == "lowrank" and settings["solver"] == "dopri5"
