@@ -41,12 +41,10 @@ Run::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -62,6 +60,9 @@ from pyro.infer import SVI, Trace_ELBO
 
 from pyro_ffjord import FFJORD, regularization
 from pyro_ffjord.datasets.mnist import load_mnist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the examples' own modules
+from run_info import machine_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
@@ -329,35 +330,6 @@ def plot_samples(samples: Dict[str, Tensor], titles: Dict[str, str], path: Path)
     plt.close(fig)
 
 
-def machine_info(args) -> dict:
-    proc = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            proc = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=ROOT).stdout.strip() or None
-    except OSError:
-        rev = None
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "python": platform.python_version(),
-        "processor": proc,
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": args.device,
-        "revision": rev,
-        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if args.device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(args.device)
-    return info
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -418,7 +390,7 @@ def main(args) -> dict:
 
     if args.time_options:
         rows = time_options(args, train_x, *((2, 3) if args.quick else ()))
-        payload = {"example": "flow_prior", "mode": "time_options", "machine": machine_info(args),
+        payload = {"example": "flow_prior", "mode": "time_options", "machine": machine_info(args.device),
                    "args": vars(args), "rows": rows}
         path = out / "time_options.json"
         path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -438,7 +410,7 @@ def main(args) -> dict:
     plot_samples(samples, titles, png)
     payload = {
         "example": "flow_prior",
-        "machine": {**machine_info(args), "load_average_at_start": load_at_start},
+        "machine": {**machine_info(args.device), "load_average_at_start": load_at_start},
         "args": vars(args),
         "data": {"name": "MNIST", "binarization": "static", "binarize_seed": args.binarize_seed,
                  "train_images": len(train_x), "test_images": len(test_x),

@@ -58,12 +58,9 @@ The full paper budget (up to 2000 epochs, full-width nets, the paper's FFJORD co
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from typing import Optional
@@ -77,6 +74,7 @@ from pyro.infer import Trace_ELBO
 from pyro_ffjord import regularization
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the example's own modules
+from run_info import atomic_save, machine_info  # noqa: E402
 from vae_data import DATASETS, _plain, load, unit_of  # noqa: E402
 from vae_model import FLOWS, VAE, build_flows, count_params, ffjord_settings, nfe_total  # noqa: E402
 
@@ -130,38 +128,6 @@ def evaluate(vae: VAE, x: torch.Tensor, args, seed: int, is_samples: int = 0, is
         torch.set_rng_state(rng)
         vae.train(was_training)
     return out
-
-
-def machine_info(args) -> dict:
-    proc = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            proc = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if str(args.device).startswith("cuda") and torch.cuda.is_available():
-        proc = torch.cuda.get_device_name(torch.device(args.device))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        rev = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "python": platform.python_version(),
-        "processor": proc,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "revision": rev,
-    }
-
-
-def _atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def main(args) -> dict:
@@ -269,7 +235,7 @@ def main(args) -> dict:
             tqdm.write(f"epoch {epoch}: beta {beta:.3f} train loss {record['train_loss']:.3f}"
                        + (f" valid -ELBO {record['valid_neg_elbo']:.3f}" if "valid_neg_elbo" in record else ""))
         if args.checkpoint_every and (epoch % args.checkpoint_every == 0 or stopped or epoch == args.epochs):
-            _atomic_save({
+            atomic_save({
                 "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_state,
                 "epoch": epoch, "best_valid": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "history": history, "train_seconds": train_seconds, "rng": torch.get_rng_state(),
@@ -331,7 +297,7 @@ def main(args) -> dict:
         "ffjord": ffjord_settings(args) if args.flow == "ffjord" else None,
         "flow_settings": {"num_flows": args.num_flows, "hypernet_hidden": args.hypernet_hidden,
                           "iaf_hidden": args.iaf_hidden, "num_householder": args.num_householder},
-        "machine": machine_info(args),
+        "machine": machine_info(args.device),
         "args": {k: v for k, v in vars(args).items() if _plain(v)},
         "history": history,
         "finite": res["finite"],

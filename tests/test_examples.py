@@ -1,0 +1,61 @@
+"""examples/toy_density.py: quick run outputs, learning, and --resume equal to an uninterrupted run."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+spec = importlib.util.spec_from_file_location("toy_density_example", ROOT / "examples" / "toy_density.py")
+toy_density = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(toy_density)
+
+
+def run(out, *argv):
+    args = toy_density.parse_args(["--out", str(out), "--no-progress", "--threads", "1", "--quick", *argv])
+    return toy_density.main(args)
+
+
+def test_quick_run_writes_pictures_and_results(tmp_path):
+    res = run(tmp_path)
+    for name in ("density.png", "trajectory.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test_nll"] == res["test_nll"]
+    assert math.isfinite(saved["test_nll"]) and saved["test_finite"]
+    assert saved["data"] == "pinwheel" and saved["iterations"] == 20 and len(saved["losses"]) == 20
+    assert saved["nfe_forward_last"] == 12  # 3 fixed rk4 steps by default
+    assert saved["config"]["quick"] and saved["flow_options"]["eval_trace"] == "exact"
+    for key in ("train_seconds", "torch", "threads", "device", "date", "nfe_forward_mean", "test_nll_initial"):
+        assert saved[key] is not None, key
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["iteration"] == 20
+
+
+def test_short_fit_lowers_test_nll(tmp_path):
+    res = run(tmp_path, "--data", "8gaussians", "--zero-init", "--iters", "40")
+    # A zero-initialised flow is the identity: the initial NLL is the standard normal's.
+    test = toy_density.toy.sample("8gaussians", res["test_points"], seed=toy_density.TEST_SEED).double()
+    normal_nll = float(0.5 * (test.pow(2).sum(-1) + 2 * math.log(2 * math.pi)).mean())
+    assert res["test_nll_initial"] == pytest.approx(normal_nll, abs=1e-4)
+    assert res["test_nll"] < res["test_nll_initial"] - 0.3
+
+
+@pytest.mark.parametrize("flow_args", [(), ("--trace", "hutchinson", "--kinetic", "0.01", "--jacobian", "0.01")],
+                         ids=["exact", "hutchinson-rnode"])
+def test_resume_equals_uninterrupted_run(tmp_path, flow_args):
+    whole = run(tmp_path / "whole", "--iters", "10", *flow_args)
+    run(tmp_path / "split", "--iters", "4", *flow_args)
+    resumed = run(tmp_path / "split", "--iters", "10", "--resume", *flow_args)
+    assert resumed["resumed_from"] == 4 and resumed["iterations"] == 10
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 10
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, atol=1e-6, rtol=0, msg=name)
+    assert b["losses"] == pytest.approx(a["losses"], abs=1e-6)
+    assert resumed["test_nll"] == pytest.approx(whole["test_nll"], abs=1e-5)
