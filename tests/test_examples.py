@@ -45,7 +45,7 @@ def test_short_fit_lowers_test_nll(tmp_path):
     assert res["test_nll"] < res["test_nll_initial"] - 0.3
 
 
-@pytest.mark.parametrize("flow_args", [(), ("--trace", "hutchinson", "--kinetic", "0.01", "--jacobian", "0.01")],
+@pytest.mark.parametrize("flow_args", [("--kinetic", "0", "--jacobian", "0"), ("--trace", "hutchinson",)],
                          ids=["exact", "hutchinson-rnode"])
 def test_resume_equals_uninterrupted_run(tmp_path, flow_args):
     whole = run(tmp_path / "whole", "--iters", "10", *flow_args)
