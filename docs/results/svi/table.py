@@ -33,6 +33,6 @@ def table(payload: dict) -> str:
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         payload = json.load(open(path))
-        print(f"{payload['target']} ({payload['args']['steps']} steps):\n")
+        print(f"{payload['target']} ({payload['args']['steps']} steps, lr {payload['args']['lr']}):\n")
         print(table(payload))
         print()
