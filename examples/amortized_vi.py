@@ -60,7 +60,7 @@ density uses the exact trace and the eval solver.
 
 Run::
 
-    python examples/amortized_vi.py                 # all guides, ~5 minutes on one CPU thread
+    python examples/amortized_vi.py                 # all guides, about 8 minutes on one CPU thread
     python examples/amortized_vi.py --quick         # seconds, for tests
 """
 

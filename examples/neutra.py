@@ -38,7 +38,7 @@ warmup + sampling), divergences, potential evaluations, and the marginals of :ma
 
 Run::
 
-    python examples/neutra.py            # ~5 minutes on one CPU thread
+    python examples/neutra.py            # about 10 minutes on one CPU thread
     python examples/neutra.py --quick    # seconds, for tests
 """
 

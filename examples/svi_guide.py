@@ -45,7 +45,7 @@ density estimate of the NUTS samples).
 
 Run::
 
-    python examples/svi_guide.py --target all      # a few minutes per target, 1 CPU thread
+    python examples/svi_guide.py --target all      # about 20 minutes on one CPU thread
     python examples/svi_guide.py --target funnel --sweep
     python examples/svi_guide.py --target all --quick   # seconds, for tests
 """

@@ -22,7 +22,7 @@ def row(r: dict) -> str:
 
 def main(paths: list[str]) -> None:
     runs = [json.load(open(p)) for p in paths]
-    runs.sort(key=lambda r: (r["dataset"], ORDER.get(r["flow"], 9)))
+    runs.sort(key=lambda r: (r["dataset"], r["epochs"], ORDER.get(r["flow"], 9)))
     print("| data | flow | test −ELBO | IS-NLL | unit | params | flow params | s/epoch | epochs | eval s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
