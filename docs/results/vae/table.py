@@ -15,7 +15,8 @@ def row(r: dict) -> str:
     unit = r["unit"]
     is_nll = "n/a" if r["test_nll_is"] is None else f"{r['test_nll_is']:.3f} ± {r['test_nll_is_se']:.3f}"
     flow = r["flow"] + (f" ({r['args'].get('ffjord_config')})" if r["flow"] == "ffjord" else "")
-    return (f"| {r['dataset']} | {flow} | {r['test_neg_elbo']:.3f} ± {r['test_neg_elbo_se']:.3f} | {is_nll} "
+    data = r["dataset"] + (f" (first {r['args']['subset']:,})" if r["args"].get("subset") else "")
+    return (f"| {data} | {flow} | {r['test_neg_elbo']:.3f} ± {r['test_neg_elbo_se']:.3f} | {is_nll} "
             f"| {unit} | {r['params']:,} | {r['params_flow']:,} | {r['seconds_per_epoch']:.1f} "
             f"| {r['epochs_trained']} (best {r['best_epoch']}) | {r['eval_s']:.0f} |")
 
