@@ -3,7 +3,7 @@ r"""FFJORD as a Pyro :class:`~pyro.distributions.torch_transform.TransformModule
 from __future__ import annotations
 
 import math
-from typing import Callable, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 from pyro.distributions.torch_transform import TransformModule

@@ -25,7 +25,7 @@ from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
 
 from .config import FFJORDConfig, is_adaptive
-from .divergence import exact_divergence, hutchinson_divergence, sample_noise
+from .divergence import exact_divergence, hutchinson_divergence
 from .nets import LayerConditioning
 
 _ADVICE = (

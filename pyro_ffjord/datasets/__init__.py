@@ -1,6 +1,3 @@
-from . import toy
-from . import mnist
-from . import files
-from . import freyfaces
-from . import caltech
-from . import omniglot
+from . import caltech, files, freyfaces, mnist, omniglot, toy
+
+__all__ = ["caltech", "files", "freyfaces", "mnist", "omniglot", "toy"]
