@@ -1,14 +1,36 @@
-"""Validated solver and estimator options shared by every FFJORD transform."""
+"""Validated solver and estimator options shared by every FFJORD transform, and the defaults
+(architecture and presets), defined once."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import List, Optional
 
-from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
-from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
+# torchdiffeq's methods, by how they step (its public ``odeint`` takes these names). Adaptive
+# methods pick their steps to meet atol/rtol; fixed-grid ones take ``steps`` (or step_size).
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_GRID_SOLVERS = ("rk4", "euler", "midpoint", "heun2", "heun3", "explicit_adams", "implicit_adams",
+                      "fixed_adams")
+SOLVERS = ADAPTIVE_SOLVERS + FIXED_GRID_SOLVERS
+
+# Architecture defaults of the vector field (see pyro_ffjord.nets.ODENet).
+ARCH_DEFAULTS = {"activation": "tanh", "time_embedding": "concatsquash", "zero_init": False}
+# Up to this dimension the default training trace is exact: D batched VJPs cost little and the
+# exact trace learns faster per second than Hutchinson's estimate (benchmarks/toy_race.py, D = 2).
+EXACT_TRACE_MAX_DIM = 4
+
+
+def default_hidden_dims(input_dim: int) -> List[int]:
+    """The default field: three hidden layers of width ``max(64, 4 * input_dim)``.
+
+    Example::
+
+        >>> default_hidden_dims(2), default_hidden_dims(32)
+        ([64, 64, 64], [128, 128, 128])
+    """
+    return [max(64, 4 * input_dim)] * 3
+
 
 TRACES = ("hutchinson", "exact")
 NOISES = ("rademacher", "gaussian")
@@ -17,9 +39,10 @@ ERROR_NORMS = ("batch", "sample")
 
 
 # Named option sets. Architecture keywords (hidden_dims, activation, ...) may appear too.
-# "fast" is the winner of benchmarks/toy_race.py on 2-D toys: exact trace, backprop through
-# three fixed rk4 steps, adaptive dopri5 for evaluation (see README, "Speed"). Fixed steps
-# assume the dynamics stay smooth; eval mode stays adaptive so reported likelihoods are honest.
+# "reference" is the reference code's configuration for the 2-D toys. "fast" is the winner of
+# benchmarks/toy_race.py on 2-D toys: exact trace, backprop through three fixed rk4 steps,
+# adaptive dopri5 for evaluation (see README, "Speed"). Fixed steps assume the dynamics stay
+# smooth; eval mode stays adaptive so reported likelihoods are honest.
 PRESETS = {
     "reference": dict(
         hidden_dims=[64, 64, 64], activation="tanh", time_embedding="concatsquash",
@@ -30,25 +53,27 @@ PRESETS = {
 
 
 def apply_preset(preset: Optional[str], kwargs: dict) -> dict:
-    """Merge a named preset under the caller's keywords (the caller's win).
+    """Merge a named preset under the caller's keywords: every keyword the caller gives wins
+    (a caller's ``step_size`` replaces the preset's ``steps``).
 
-    A ``steps`` entry becomes ``step_size = T / steps`` for the final ``T``.
+    Example::
+
+        >>> apply_preset("fast", {"steps": 6, "T": 1.0})["steps"]
+        6
     """
     if preset is None:
-        return kwargs
+        return dict(kwargs)
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} unknown; choose one of {sorted(PRESETS)}")
     merged = {**PRESETS[preset], **kwargs}
-    steps = merged.pop("steps", None)
-    if steps is not None and "step_size" not in kwargs:
-        merged["step_size"] = merged.get("T", FFJORDConfig.T) / steps
+    if "step_size" in kwargs and "steps" not in kwargs:
+        merged.pop("steps", None)
     return merged
 
 
 def is_adaptive(solver: str) -> bool:
     """Whether a torchdiffeq method picks its own step sizes (and so takes tolerances)."""
-    cls = SOLVERS[solver]
-    return issubclass(cls, (RKAdaptiveStepsizeODESolver, AdaptiveStepsizeODESolver))
+    return solver in ADAPTIVE_SOLVERS
 
 
 @dataclass
@@ -61,6 +86,7 @@ class FFJORDConfig:
     solver: str = "dopri5"
     atol: float = 1e-5
     rtol: float = 1e-5
+    steps: Optional[int] = None
     step_size: Optional[float] = None
     eval_solver: Optional[str] = None
     adjoint: bool = False
@@ -78,19 +104,26 @@ class FFJORDConfig:
         _choice("error_norm", self.error_norm, ERROR_NORMS)
         for name in ("solver", "eval_solver"):
             value = getattr(self, name)
+            if value == "scipy_solver":
+                raise ValueError("scipy_solver cannot backpropagate; use a torch solver such as 'dopri5'")
             if value is not None and value not in SOLVERS:
                 raise ValueError(
-                    f"{name}={value!r} is not a torchdiffeq method; choose one of {sorted(SOLVERS)}"
+                    f"{name}={value!r} is not a supported torchdiffeq method; choose an adaptive one "
+                    f"{ADAPTIVE_SOLVERS} or a fixed-grid one {FIXED_GRID_SOLVERS}"
                 )
-        if self.solver == "scipy_solver" or self.eval_solver == "scipy_solver":
-            raise ValueError("scipy_solver cannot backpropagate; use a torch solver such as 'dopri5'")
         for name in ("atol", "rtol"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.steps is not None:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+                raise ValueError(f"steps must be a positive int (fixed steps over [0, T]), got {self.steps!r}")
+            if self.step_size is not None:
+                raise ValueError("give steps or step_size, not both")
         for solver in {self.solver, self.eval_solver or self.solver}:
-            if not is_adaptive(solver) and self.step_size is None:
+            if not is_adaptive(solver) and self.steps is None and self.step_size is None:
                 raise ValueError(
-                    f"the fixed-step solver {solver!r} needs step_size (in units of t, e.g. T / 8)"
+                    f"the fixed-step solver {solver!r} needs steps (whole steps over [0, T], e.g. 4) "
+                    "or step_size (in units of t)"
                 )
         if self.step_size is not None and not self.step_size > 0:
             raise ValueError(f"step_size must be positive, got {self.step_size}")
@@ -115,6 +148,13 @@ class FFJORDConfig:
     @property
     def regularized(self) -> bool:
         return self.kinetic > 0 or self.jacobian > 0
+
+    def fixed_steps(self, T: float) -> int:
+        """Steps a fixed-grid solver takes over [0, T]: ``steps``, or whole steps of at most
+        ``step_size`` that land exactly on T."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(T / self.step_size - 1e-9))
 
 
 def _choice(name: str, value: str, allowed: tuple) -> None:

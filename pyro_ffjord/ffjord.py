@@ -10,20 +10,10 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
-from .config import FFJORDConfig, apply_preset
+from .config import ARCH_DEFAULTS, EXACT_TRACE_MAX_DIM, FFJORDConfig, apply_preset, default_hidden_dims
 from .nets import LayerConditioning, ODENet
 from .ode import AugmentedDynamics, SolveStats, solve
 from .divergence import sample_noise
-
-DEFAULT_HIDDEN = (64, 64, 64)
-ARCH_DEFAULTS = {"activation": "tanh", "time_embedding": "concatsquash", "zero_init": False}
-SMALL_DIM = 4  # up to this dimension the default training trace is exact
-
-
-def default_hidden_dims(input_dim: int) -> List[int]:
-    """Three hidden layers of width ``max(64, 4 * input_dim)``."""
-    return [max(64, 4 * input_dim)] * 3
-
 
 class SolveSetup(NamedTuple):
     """Everything one solve needs, gathered from the module that owns the parameters."""
@@ -211,10 +201,8 @@ class _FFJORDParams:
         if not (isinstance(input_dim, int) and input_dim > 0):
             raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
         options = apply_preset(preset, {k: v for k, v in options.items() if v is not None})
-        # Small problems: D batched VJPs cost little and the exact trace learns faster per
-        # second than Hutchinson's noisy estimate (benchmarks/toy_race.py, D = 2).
-        options.setdefault("trace", "exact" if input_dim <= SMALL_DIM else "hutchinson")
-        hidden = list(options.pop("hidden_dims", DEFAULT_HIDDEN))
+        options.setdefault("trace", "exact" if input_dim <= EXACT_TRACE_MAX_DIM else "hutchinson")
+        hidden = list(options.pop("hidden_dims", default_hidden_dims(input_dim)))
         arch = {k: options.pop(k) for k in ARCH_DEFAULTS if k in options}
         self.config = FFJORDConfig.from_options(options)
         self.net = ODENet(input_dim, hidden, **{**ARCH_DEFAULTS, **arch}, **net_kwargs)

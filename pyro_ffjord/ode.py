@@ -17,7 +17,6 @@ exist only while regularizing and never drive step-size control.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -165,9 +164,7 @@ def solve(
     if is_adaptive(solver):
         kwargs["options"] = {"norm": _sample_norm if config.error_norm == "sample" else _batch_norm}
     else:
-        # Whole steps of at most step_size (in units of t) that land exactly on T.
-        steps = max(1, math.ceil(float(dynamics.T.detach()) / config.step_size - 1e-9))
-        kwargs["options"] = {"step_size": 1.0 / steps}
+        kwargs["options"] = {"step_size": 1.0 / config.fixed_steps(float(dynamics.T.detach()))}
     dynamics.stats.solves += 1
     dynamics.stats.last = dynamics
     dynamics.solving = True
