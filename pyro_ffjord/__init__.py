@@ -1,10 +1,11 @@
 """FFJORD continuous normalizing flows as Pyro transforms."""
 
-from .autoguide import AutoFFJORD, regularization
+from .autoguide import AutoFFJORD
 from .conditional import ConditionalFFJORD, conditional_ffjord
 from .ffjord import ConditionedFFJORD, FFJORD, ffjord
 from .nets import ODENet
-from .ode import SolverError, SolveStats
+from .ode import SolverError
+from .stats import SolveStats, regularization
 
 __all__ = [
     "AutoFFJORD",

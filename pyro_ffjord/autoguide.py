@@ -1,4 +1,4 @@
-"""An autoguide whose posterior is a stack of FFJORD flows, and RNODE penalties in SVI."""
+"""An autoguide whose posterior is a stack of FFJORD flows."""
 
 from __future__ import annotations
 
@@ -9,31 +9,8 @@ import torch
 from pyro.distributions.transforms import iterated
 from pyro.infer.autoguide import AutoNormalizingFlow
 
-from .conditional import ConditionalFFJORD
-from .ffjord import FFJORD, ffjord
-
-
-def regularization(module: torch.nn.Module) -> torch.Tensor:
-    """The summed RNODE penalty of the latest solves of every FFJORD inside ``module``
-    (a guide, a model's :class:`~pyro.nn.PyroModule`, or a flow); 0 when there is none.
-
-    Add it to an SVI loss computed by hand::
-
-        loss = Trace_ELBO().differentiable_loss(model, guide, *args) + regularization(guide)
-        loss.backward()
-
-    Example::
-
-        >>> flow = FFJORD(2, kinetic=0.1)
-        >>> _ = flow(torch.randn(4, 2))
-        >>> bool(regularization(flow) > 0)
-        True
-    """
-    total = torch.zeros(())
-    for m in module.modules():
-        if isinstance(m, (FFJORD, ConditionalFFJORD)) and m.regularization is not None:
-            total = total + m.regularization
-    return total
+from .ffjord import ffjord
+from .stats import regularization
 
 
 class AutoFFJORD(AutoNormalizingFlow):

@@ -6,15 +6,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Optional, Sequence
 
-import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
 
-from .ffjord import ConditionedFFJORD, _FFJORDParams, default_hidden_dims
-from .ode import SolveStats
+from .checks import check_tensor
+from .ffjord import ConditionedFFJORD, _FFJORDParams
+from .stats import HasSolveStats, SolveStats
 
 
-class ConditionalFFJORD(_FFJORDParams, ConditionalTransformModule):
+class ConditionalFFJORD(HasSolveStats, _FFJORDParams, ConditionalTransformModule):
     r"""FFJORD whose vector field :math:`f(z, t; c)` depends on a context :math:`c`, e.g. the
     encoder output of a VAE for an amortized posterior :math:`q(z \mid x)`.
 
@@ -30,6 +30,7 @@ class ConditionalFFJORD(_FFJORDParams, ConditionalTransformModule):
 
     Example::
 
+        >>> import torch
         >>> import pyro.distributions as dist
         >>> flow = ConditionalFFJORD(2, context_dim=3, hidden_dims=[16], conditioning="lowrank")
         >>> base = dist.Normal(torch.zeros(2), 1.).to_event(1)
@@ -39,7 +40,7 @@ class ConditionalFFJORD(_FFJORDParams, ConditionalTransformModule):
 
     :param int input_dim: dimension of the flow.
     :param int context_dim: dimension of the context.
-    :param hidden_dims: hidden widths (default 64-64-64).
+    :param hidden_dims: hidden widths (default :func:`~pyro_ffjord.config.default_hidden_dims`).
     :param str conditioning: ``"concat"`` (default), ``"lowrank"`` or ``"bias"``.
     :param int rank: rank of the per-sample weights with ``"lowrank"``.
 
@@ -78,40 +79,8 @@ class ConditionalFFJORD(_FFJORDParams, ConditionalTransformModule):
     def context_dim(self) -> int:
         return self.net.context_dim
 
-    @property
-    def stats(self) -> SolveStats:
-        """Counters of the solves of every transform this module conditioned."""
-        return self._stats
-
-    @property
-    def nfe_forward(self) -> int:
-        return self._stats.nfe_forward
-
-    @property
-    def nfe_backward(self) -> int:
-        return self._stats.nfe_backward
-
-    @property
-    def regularization(self) -> Optional[Tensor]:
-        """RNODE penalty of the latest solve; see :attr:`ConditionedFFJORD.regularization`."""
-        return self._stats.regularization
-
     def condition(self, context: Tensor) -> ConditionedFFJORD:
-        if not isinstance(context, Tensor):
-            raise TypeError(f"context must be a tensor, got {type(context).__name__}")
-        if context.dim() == 0 or context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"context has shape {tuple(context.shape)} but this flow expects "
-                f"(..., context_dim={self.context_dim})"
-            )
-        param = next(self.net.parameters())
-        if context.dtype != param.dtype or context.device != param.device:
-            raise ValueError(
-                f"context is {context.dtype} on {context.device} but the flow's parameters are "
-                f"{param.dtype} on {param.device}; convert one of them"
-            )
-        if not bool(torch.isfinite(context).all()):
-            raise ValueError("context contains NaN or infinite values")
+        check_tensor(context, "context", self.context_dim, "context_dim", next(self.net.parameters()))
         return ConditionedFFJORD(partial(self._setup, context), self._stats, context.shape[:-1])
 
 
@@ -125,6 +94,4 @@ def conditional_ffjord(
         >>> conditional_ffjord(2, 4, conditioning="bias").context_dim
         4
     """
-    if hidden_dims is None:
-        hidden_dims = default_hidden_dims(input_dim)
     return ConditionalFFJORD(input_dim, context_dim, hidden_dims=hidden_dims, **options)

@@ -10,10 +10,12 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
+from .checks import check_tensor
 from .config import ARCH_DEFAULTS, EXACT_TRACE_MAX_DIM, FFJORDConfig, apply_preset, default_hidden_dims
-from .nets import LayerConditioning, ODENet
-from .ode import AugmentedDynamics, SolveStats, solve
 from .divergence import sample_noise
+from .nets import LayerConditioning, ODENet
+from .ode import AugmentedDynamics, solve
+from .stats import HasSolveStats, SolveStats
 
 class SolveSetup(NamedTuple):
     """Everything one solve needs, gathered from the module that owns the parameters."""
@@ -26,7 +28,7 @@ class SolveSetup(NamedTuple):
     stats: SolveStats
 
 
-class ConditionedFFJORD(Transform):
+class ConditionedFFJORD(HasSolveStats, Transform):
     r"""The FFJORD bijection for fixed parameters (and, if conditional, a fixed context).
 
     Maps :math:`x = z(0)` to :math:`y = z(T)` with :math:`dz/dt = f(z, t)` and
@@ -83,31 +85,6 @@ class ConditionedFFJORD(Transform):
             state["_cached_x_y"] = (None, None)
         return state
 
-    # -- solve statistics -----------------------------------------------------------------
-    @property
-    def stats(self) -> SolveStats:
-        """Counters of this flow's solves (see :class:`~pyro_ffjord.ode.SolveStats`)."""
-        return self._stats
-
-    @property
-    def nfe_forward(self) -> int:
-        """Function evaluations of the latest solve."""
-        return self._stats.nfe_forward
-
-    @property
-    def nfe_backward(self) -> int:
-        """Function evaluations of the latest solve's adjoint pass (0 without ``adjoint``)."""
-        return self._stats.nfe_backward
-
-    @property
-    def regularization(self) -> Optional[Tensor]:
-        r"""Weighted RNODE penalty of the latest solve: ``kinetic`` times the batch mean of
-        :math:`\int_0^T \tfrac{1}{2D}\lVert f\rVert^2 dt` plus ``jacobian`` times that of
-        :math:`\int_0^T \tfrac1D \lVert \partial f/\partial z\rVert_F^2 dt` (estimated with the
-        solve's probe vectors). A differentiable scalar when the owning module is training, a
-        weight is set and gradients are enabled; otherwise ``None``. Add it to the loss."""
-        return self._stats.regularization
-
     # -- shapes -----------------------------------------------------------------------------
     def forward_shape(self, shape: torch.Size) -> torch.Size:
         return torch.broadcast_shapes(shape[:-1], self._context_shape) + shape[-1:]
@@ -134,7 +111,7 @@ class ConditionedFFJORD(Transform):
     def _solve(self, x: Tensor, reverse: bool):
         setup = self._setup_fn()
         net, config = setup.net, setup.config
-        _check_input(x, net, "y" if reverse else "x")
+        check_tensor(x, "y" if reverse else "x", net.input_dim, "input_dim", next(net.parameters()))
         try:
             batch = torch.broadcast_shapes(x.shape[:-1], self._context_shape)
         except RuntimeError:
@@ -149,14 +126,14 @@ class ConditionedFFJORD(Transform):
         noise = sample_noise(x, config.noise) if trace == "hutchinson" else None
         dynamics = AugmentedDynamics(
             net,
-            setup.cond,
-            setup.T,
-            trace,
-            noise,
-            config.kinetic if regularize else 0.0,
-            config.jacobian if regularize else 0.0,
-            config.max_nfe,
-            setup.stats,
+            T=setup.T,
+            stats=setup.stats,
+            cond=setup.cond,
+            trace=trace,
+            noise=noise,
+            kinetic=config.kinetic if regularize else 0.0,
+            jacobian=config.jacobian if regularize else 0.0,
+            max_nfe=config.max_nfe,
         )
         setup.stats.regularization = None
         # Only tensors the dynamics use directly: an adjoint parameter that is also an ancestor
@@ -165,29 +142,6 @@ class ConditionedFFJORD(Transform):
         for c in setup.cond or ():
             adjoint_params.extend(t for t in c if t is not None)
         return solve(dynamics, x, reverse, config, solver, config.adjoint, adjoint_params)
-
-
-def _check_input(x: Tensor, net: nn.Module, name: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"FFJORD expects a tensor, got {type(x).__name__}")
-    if x.dim() == 0 or x.shape[-1] != net.input_dim:
-        raise ValueError(
-            f"FFJORD was built for input_dim={net.input_dim} but {name} has shape {tuple(x.shape)}; "
-            f"the last dimension must be {net.input_dim}"
-        )
-    param = next(net.parameters())
-    if x.dtype != param.dtype:
-        raise ValueError(
-            f"{name} is {x.dtype} but the flow's parameters are {param.dtype}; convert one, "
-            f"e.g. flow.to({x.dtype}) or {name}.to({param.dtype})"
-        )
-    if x.device != param.device:
-        raise ValueError(
-            f"{name} is on {x.device} but the flow's parameters are on {param.device}; "
-            f"move one, e.g. flow.to({str(x.device)!r})"
-        )
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or infinite values; FFJORD needs finite inputs")
 
 
 class _FFJORDParams:
@@ -254,7 +208,8 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
         torch.Size([5])
 
     :param int input_dim: dimension :math:`D`.
-    :param hidden_dims: hidden widths of the vector field (default 64-64-64).
+    :param hidden_dims: hidden widths of the vector field (default
+        :func:`~pyro_ffjord.config.default_hidden_dims`: three layers of ``max(64, 4D)``).
     :param str preset: a named set of options from :data:`pyro_ffjord.config.PRESETS`
         (``"fast"``: exact trace, backprop through 3 fixed rk4 steps, dopri5 in eval mode;
         ``"reference"``: the reference code's toy defaults); explicit keywords override it.
@@ -301,7 +256,7 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
 
 
 def ffjord(input_dim: int, hidden_dims: Optional[Sequence[int]] = None, **options) -> FFJORD:
-    """A helper in Pyro's style that builds an :class:`FFJORD` with sensible defaults; works as
+    """A helper in Pyro's style that builds an :class:`FFJORD`; works as
     ``partial(pyro.distributions.transforms.iterated, 2, ffjord)`` for
     :class:`~pyro.infer.autoguide.AutoNormalizingFlow`.
 
@@ -310,6 +265,4 @@ def ffjord(input_dim: int, hidden_dims: Optional[Sequence[int]] = None, **option
         >>> ffjord(3).input_dim
         3
     """
-    if hidden_dims is None:
-        hidden_dims = default_hidden_dims(input_dim)
     return FFJORD(input_dim, hidden_dims=hidden_dims, **options)

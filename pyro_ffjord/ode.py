@@ -26,6 +26,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from .config import FFJORDConfig, is_adaptive
 from .divergence import exact_divergence, hutchinson_divergence
 from .nets import LayerConditioning
+from .stats import SolveStats
 
 _ADVICE = (
     "Try looser tolerances (atol/rtol), RNODE regularization (kinetic=0.01, jacobian=0.01), "
@@ -38,52 +39,25 @@ class SolverError(ValueError):
     """The ODE solve failed: step budget exceeded, step-size underflow or non-finite state."""
 
 
-class SolveStats:
-    """Function-evaluation counts and the RNODE penalty of a transform's solves.
-
-    ``nfe_forward`` / ``nfe_backward`` refer to the latest solve (the backward count grows
-    while the adjoint pass runs; with direct backpropagation it stays 0 and autograd replays
-    the ``nfe_forward`` evaluations). The ``*_total`` counters accumulate over all solves.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.solves = 0
-        self.nfe_forward_total = 0
-        self.nfe_backward_total = 0
-        self.regularization: Optional[Tensor] = None
-        self.last: Optional[AugmentedDynamics] = None
-
-    def __getstate__(self) -> dict:
-        # The latest solve and its penalty hold graph tensors: copies and pickles start clean.
-        return dict(self.__dict__, last=None, regularization=None)
-
-    @property
-    def nfe_forward(self) -> int:
-        return 0 if self.last is None else self.last.nfe_forward
-
-    @property
-    def nfe_backward(self) -> int:
-        return 0 if self.last is None else self.last.nfe_backward
-
-
 class AugmentedDynamics:
     """The right-hand side of one solve: it holds that solve's noise, context terms and T, so
-    the adjoint pass reuses exactly them even if other solves happen in between."""
+    the adjoint pass reuses exactly them even if other solves happen in between.
+
+    ``kinetic`` and ``jacobian`` are the RNODE weights of this solve (0 adds no state);
+    ``noise`` holds Hutchinson's probe vectors when ``trace="hutchinson"``."""
 
     def __init__(
         self,
         net: Callable,
-        cond: Optional[List[LayerConditioning]],
+        *,
         T: Tensor,
-        trace: str,
-        noise: Optional[Tensor],
-        kinetic: bool,
-        jacobian: bool,
-        max_nfe: int,
         stats: SolveStats,
+        cond: Optional[List[LayerConditioning]] = None,
+        trace: str = "exact",
+        noise: Optional[Tensor] = None,
+        kinetic: float = 0.0,
+        jacobian: float = 0.0,
+        max_nfe: int = 20_000,
     ) -> None:
         self.net, self.cond, self.T = net, cond, T
         self.trace, self.noise = trace, noise
