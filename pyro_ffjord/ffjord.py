@@ -222,13 +222,15 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
     Options (keywords): ``trace`` (``"hutchinson"`` | ``"exact"``, training mode; default exact
     for ``input_dim <= 4``, where it learns faster per second, else Hutchinson),
     ``eval_trace`` (default ``"exact"``), ``noise`` (``"rademacher"`` | ``"gaussian"``),
-    ``solver`` (any torchdiffeq method, default ``"dopri5"``), ``eval_solver`` (used in eval
-    mode, default ``solver``), ``atol``/``rtol`` (1e-5), ``step_size`` (fixed-step solvers, in
+    ``solver`` (a torchdiffeq method, default ``"dopri5"``), ``eval_solver`` (used in eval
+    mode, default ``solver``), ``atol``/``rtol`` (1e-5, adaptive solvers), ``steps`` (number
+    of fixed steps over [0, T] of a fixed-grid solver such as ``"rk4"``) or ``step_size`` (in
     units of t), ``adjoint`` (memory-light gradients; default False: backprop through the
     solver is faster), ``T`` (end time, 0.5), ``train_T`` (learn T), ``kinetic``/``jacobian``
     (RNODE weights; see :attr:`regularization`), ``error_norm`` (``"batch"`` RMS or worst
     ``"sample"``) and ``max_nfe`` (step budget per solve; exceeding it raises
-    :class:`~pyro_ffjord.ode.SolverError`).
+    :class:`~pyro_ffjord.ode.SolverError`). The defaults are defined in
+    :mod:`pyro_ffjord.config`.
 
     References:
 
