@@ -141,7 +141,8 @@ class ConditionedFFJORD(HasSolveStats, Transform):
         adjoint_params = [*net.field_parameters(), setup.T]
         for c in setup.cond or ():
             adjoint_params.extend(t for t in c if t is not None)
-        return solve(dynamics, x, reverse, config, solver, config.adjoint, adjoint_params)
+        return solve(dynamics, x, reverse=reverse, config=config, solver=solver, adjoint=config.adjoint,
+                     adjoint_params=adjoint_params)
 
 
 class _FFJORDParams:

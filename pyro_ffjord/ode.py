@@ -118,6 +118,7 @@ def _sample_norm(state: Sequence[Tensor]) -> Tensor:
 def solve(
     dynamics: AugmentedDynamics,
     x: Tensor,
+    *,
     reverse: bool,
     config: FFJORDConfig,
     solver: str,
