@@ -35,10 +35,10 @@ def load(dataset: str, data_dir: str, seed: Optional[int] = None, binarization: 
     kw = {} if seed is None else {"seed": seed}
     if dataset == "mnist":
         if mnist.amat_available(data_dir):  # the paper's data: Larochelle & Murray's binarization
-            splits = mnist.load_binarized_mnist(data_dir)
+            splits = mnist.load(data_dir, binarization="amat")
             info = {"source": "binarized_mnist_{train,valid,test}.amat", "binarization": "published static"}
         else:
-            splits = mnist.load_mnist(data_dir, binarize=binarization, **kw)
+            splits = mnist.load(data_dir, binarization=binarization, **kw)
             info = {"source": "IDX files", "binarization": binarization
                     + (f" (seed {splits.seed})" if binarization == "static" else " (re-drawn every batch)")}
         info["split"] = "50k/10k/10k (train = first 50k of the training file, valid = its last 10k, test = t10k)"
@@ -63,7 +63,7 @@ def load(dataset: str, data_dir: str, seed: Optional[int] = None, binarization: 
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     train, valid, test = (_images(getattr(splits, k), shape, likelihood) for k in ("train", "valid", "test"))
     for k, v in (getattr(splits, "info", None) or {}).items():
-        if _plain(v):
+        if is_json_plain(v):
             info.setdefault(k, v)
     info["seed"] = getattr(splits, "seed", seed)
     info["sizes"] = [len(train), len(valid), len(test)]
@@ -82,13 +82,17 @@ def _images(x, shape, likelihood) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def _plain(v) -> bool:
+def is_json_plain(v) -> bool:
+    """Whether ``v`` goes into results.json as it is: a string, number, bool or ``None``, or a
+    list/tuple of strings, numbers and bools (``info`` entries and command-line arguments)."""
     return isinstance(v, (str, int, float, bool, type(None))) or (
         isinstance(v, (list, tuple)) and all(isinstance(e, (str, int, float, bool)) for e in v)
     )
 
 
 def unit_of(likelihood: str, image_shape) -> dict:
+    """The unit results are reported in for ``likelihood``: bits/dim for the categorical
+    likelihood (Frey faces), nats per image otherwise; ``nats_per_unit`` converts."""
     if likelihood == "categorical":
         dims = math.prod(image_shape)
         return {"unit": "bits/dim", "unit_note": f"-ELBO in nats per image / ({dims} ln 2), the paper's unit for "

@@ -1,3 +1,13 @@
-from . import caltech, files, freyfaces, mnist, omniglot, toy
+"""Data sets as tensors, read from their published files (nothing is downloaded).
 
-__all__ = ["caltech", "files", "freyfaces", "mnist", "omniglot", "toy"]
+Every data set module has one entry, ``load(data_dir, ...)``, returning its splits
+(:class:`mnist.MNISTSplits`, :class:`freyfaces.FreyFacesSplits`, :class:`caltech.CaltechSplits`,
+:class:`omniglot.OmniglotSplits`); ``toy`` samples the 2-D toy densities. Shared pieces:
+``files`` (finding, reading and checking files; the errors), ``binarize`` (static and dynamic
+binarization), ``matfile`` (images from MATLAB files), ``idx`` and ``amat`` (the two MNIST file
+formats).
+"""
+
+from . import amat, binarize, caltech, files, freyfaces, idx, matfile, mnist, omniglot, toy
+
+__all__ = ["amat", "binarize", "caltech", "files", "freyfaces", "idx", "matfile", "mnist", "omniglot", "toy"]

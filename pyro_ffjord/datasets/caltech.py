@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .files import DatasetFileMissing, PathLike, check_sha256, corrupt, require_file
+from .matfile import load_mat, mat_images
 
 PUBLISHED = "https://people.cs.umass.edu/~marlin/data.shtml"
 SPLIT_FILE = "caltech101_silhouettes_28_split1.mat"
@@ -52,29 +53,10 @@ SIZES = {"train": 4100, "valid": 2264, "test": 2307}
 _SPLIT_KEYS = {"train": "train", "valid": "val", "test": "test"}
 
 
-def _loadmat(path: Path) -> dict:
-    from scipy.io import loadmat  # scipy is needed only for these files
-
-    try:
-        return loadmat(str(path))
-    except Exception as exc:  # scipy raises several types on malformed files
-        problem = f"cannot be read as a MATLAB file ({type(exc).__name__}: {exc})"
-        raise corrupt(path, problem, PUBLISHED) from exc
-
-
 def _images(path: Path, mat: dict, key: str, rows: Optional[int]) -> np.ndarray:
-    """``mat[key]`` as uint8 0/1 rows in row-major pixel order (the file is column-major)."""
-    if key not in mat:
-        present = sorted(k for k in mat if not k.startswith("__"))
-        raise corrupt(path, f"no variable {key!r} (the file has {present})", PUBLISHED)
-    x = np.asarray(mat[key])
-    if x.ndim != 2 or x.shape[1] != NUM_PIXELS or (rows is not None and x.shape[0] != rows):
-        want = f"({rows if rows is not None else 'N'}, {NUM_PIXELS})"
-        raise corrupt(path, f"{key} has shape {x.shape}, expected {want}", PUBLISHED)
-    if not np.isin(x, (0, 1)).all():
-        raise corrupt(path, f"{key} holds values other than 0 and 1", PUBLISHED)
-    x = x.astype(np.uint8).reshape(-1, *IMAGE_SHAPE, order="F")
-    return np.ascontiguousarray(x).reshape(-1, NUM_PIXELS)
+    """``mat[key]`` as uint8 0/1 rows ``(rows, 784)`` in row-major pixel order (the file is
+    column-major)."""
+    return mat_images(path, mat, key, PUBLISHED, rows, IMAGE_SHAPE, values="binary")
 
 
 def _labels(path: Path, mat: dict, key: str, rows: int) -> np.ndarray:
@@ -106,7 +88,7 @@ def read_split1(
     path = Path(path)
     require_file(path.parent, path.name, PUBLISHED)
     check_sha256(path, sha256, PUBLISHED)
-    mat = _loadmat(path)
+    mat = load_mat(path, PUBLISHED)
     out: dict = {"classnames": _classnames(mat)}
     for split, key in _SPLIT_KEYS.items():
         x = _images(path, mat, f"{key}_data", SIZES[split] if strict_sizes else None)
@@ -122,7 +104,7 @@ def read_unsplit(
     path = Path(path)
     require_file(path.parent, path.name, PUBLISHED)
     check_sha256(path, sha256, PUBLISHED)
-    mat = _loadmat(path)
+    mat = load_mat(path, PUBLISHED)
     x = _images(path, mat, "X", NUM_IMAGES)
     return x, _labels(path, mat, "Y", NUM_IMAGES), _classnames(mat)
 

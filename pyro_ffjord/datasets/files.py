@@ -1,7 +1,11 @@
-"""Small helpers shared by the data loaders: finding a data file, checking its sha256, and the
-errors raised when a file is missing or is not the published one.
+"""Helpers shared by the data loaders: finding a data file, reading it (gunzipped if it is
+gzip-compressed), checking its sha256, and the errors raised when a file is missing or is not the
+published one.
 
-Every message names the file and where it is published, so that a user can fetch it::
+One hierarchy of errors: :class:`DatasetFileError` (a :class:`ValueError`) for a file that is
+missing, corrupt or not the published one, and :class:`DatasetFileMissing` (also a
+:class:`FileNotFoundError`) for a file that is not there. Every message names the file and where
+it is published, so that a user can fetch it::
 
     >>> import tempfile
     >>> try:
@@ -13,9 +17,11 @@ Every message names the file and where it is published, so that a user can fetch
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 PathLike = Union[str, Path]
 
@@ -46,15 +52,35 @@ def corrupt(path: PathLike, problem: str, published: str) -> DatasetFileError:
     )
 
 
-def require_file(data_dir: PathLike, name: str, published: str) -> Path:
-    """``data_dir / name`` if it is a file, else :class:`DatasetFileMissing` naming the file,
-    the directory searched and where the file is published."""
-    path = Path(data_dir) / name
-    if not path.is_file():
-        raise DatasetFileMissing(
-            f"data file {name} not found in {Path(data_dir)}; it is published at {published}"
-        )
-    return path
+def require_file(
+    data_dir: PathLike, name: str, published: str, alternatives: Sequence[str] = ()
+) -> Path:
+    """``data_dir / name`` if it is a file, else the first of ``data_dir / alternatives`` that
+    is (e.g. the uncompressed name of a ``.gz`` file), else :class:`DatasetFileMissing` naming
+    the file, the directory searched and where the file is published."""
+    data_dir = Path(data_dir)
+    for candidate in (name, *alternatives):
+        if (data_dir / candidate).is_file():
+            return data_dir / candidate
+    also = "".join(f" (or {alt})" for alt in alternatives)
+    raise DatasetFileMissing(
+        f"data file {name}{also} not found in {data_dir}; it is published at {published}"
+    )
+
+
+def read_bytes(path: PathLike, published: str) -> bytes:
+    """The content of ``path``, gunzipped if it starts with the gzip magic bytes (the IDX and
+    ``.amat`` files are published gzip-compressed and read either way).
+
+    :raises DatasetFileError: a gzip stream that cannot be decompressed.
+    """
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise corrupt(path, f"cannot be decompressed as gzip ({exc})", published) from None
+    return raw
 
 
 def check_sha256(path: PathLike, expected: Optional[str], published: str) -> Optional[str]:

@@ -11,11 +11,11 @@ Splits and binarization follow the FFJORD / Sylvester-flows code:
 * the training columns are shuffled (``numpy.random.RandomState(seed).permutation``; the
   reference shuffles with its run's seed) and the last 1345 become the validation set;
 * train is returned as grey levels in [0, 1], to be re-binarized every batch with
-  :func:`dynamic_binarize`;
+  :func:`pyro_ffjord.datasets.binarize.dynamic`;
 * valid and test are binarized once, Bernoulli with probability the grey level, from
-  ``numpy.random.default_rng([binarize_seed, 0])`` and ``([binarize_seed, 1])`` — the
-  reference's seed is 777 (its draws are not reproduced bit for bit); the test set's bits do
-  not depend on ``seed``.
+  ``numpy.random.default_rng([binarize_seed, 0])`` and ``([binarize_seed, 1])``
+  (:func:`pyro_ffjord.datasets.binarize.static`) — the reference's seed is 777 (its draws are
+  not reproduced bit for bit); the test set's bits do not depend on ``seed``.
 
 No checksum of the published file is known here (:data:`SHA256` is ``None``; pass one to
 :func:`read_chardata` to check it).
@@ -25,20 +25,22 @@ Example::
     data = load("data/omniglot")                # chardata.mat in that directory
     data.train.shape, data.valid.shape, data.test.shape
     # (torch.Size([23000, 784]), torch.Size([1345, 784]), torch.Size([8070, 784]))
-    x = dynamic_binarize(data.train[:100])       # one fresh batch of 0/1
+    x = binarize.dynamic(data.train[:100])       # one fresh batch of 0/1
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .files import PathLike, check_sha256, corrupt, require_file
+from . import binarize
+from .files import PathLike, check_sha256, require_file
+from .matfile import load_mat, mat_images
 
 FILENAME = "chardata.mat"
 PUBLISHED = "https://github.com/yburda/iwae/tree/master/datasets/OMNIGLOT (chardata.mat)"
@@ -50,32 +52,11 @@ NUM_VALID = 1345
 REFERENCE_BINARIZE_SEED = 777
 
 
-def _loadmat(path: Path) -> dict:
-    from scipy.io import loadmat  # scipy is needed only for this file
-
-    try:
-        return loadmat(str(path))
-    except Exception as exc:  # scipy raises several types on malformed files
-        problem = f"cannot be read as a MATLAB file ({type(exc).__name__}: {exc})"
-        raise corrupt(path, problem, PUBLISHED) from exc
-
-
 def _images(path: Path, mat: dict, key: str, count: Optional[int]) -> np.ndarray:
     """``mat[key]`` (784, N) column-major images -> float32 ``(N, 784)`` in row-major order."""
-    if key not in mat:
-        present = sorted(k for k in mat if not k.startswith("__"))
-        raise corrupt(path, f"no variable {key!r} (the file has {present})", PUBLISHED)
-    x = np.asarray(mat[key])
-    if x.ndim != 2 or x.shape[0] != NUM_PIXELS or (count is not None and x.shape[1] != count):
-        want = f"({NUM_PIXELS}, {count if count is not None else 'N'})"
-        raise corrupt(path, f"{key} has shape {x.shape}, expected {want}", PUBLISHED)
-    if x.dtype.kind not in "biuf":
-        raise corrupt(path, f"{key} has dtype {x.dtype}, expected numbers in [0, 1]", PUBLISHED)
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all() or x.min(initial=0) < 0 or x.max(initial=0) > 1:
-        raise corrupt(path, f"{key} holds values outside [0, 1]", PUBLISHED)
-    x = x.T.reshape((-1, *IMAGE_SHAPE), order="F")
-    return np.ascontiguousarray(x).reshape(-1, NUM_PIXELS)
+    return mat_images(
+        path, mat, key, PUBLISHED, count, IMAGE_SHAPE, images_in_columns=True, values="unit"
+    )
 
 
 def _alphabets(mat: dict, key: str, count: int) -> Optional[np.ndarray]:
@@ -102,41 +83,16 @@ def read_chardata(
     path = Path(path)
     require_file(path.parent, path.name, PUBLISHED)
     check_sha256(path, sha256, PUBLISHED)
-    mat = _loadmat(path)
+    mat = load_mat(path, PUBLISHED)
     train = _images(path, mat, "data", NUM_TRAIN_FILE if strict_sizes else None)
     test = _images(path, mat, "testdata", NUM_TEST if strict_sizes else None)
     return train, test, _alphabets(mat, "target", len(train)), _alphabets(mat, "testtarget", len(test))
 
 
-def binarize_once(x: np.ndarray, seed: Union[int, Sequence[int]]) -> np.ndarray:
-    """A seeded static binarization of grey levels in [0, 1]: pixel ``i`` is 1 with
-    probability ``x[i]`` (``default_rng(seed).random(x.shape) < x``), as uint8 0/1.
-
-    Example::
-
-        >>> binarize_once(np.array([[0.0, 1.0]]), seed=0).tolist()
-        [[0, 1]]
-    """
-    return (np.random.default_rng(seed).random(np.shape(x)) < x).astype(np.uint8)
-
-
-def dynamic_binarize(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Dynamic binarization of one training batch: a fresh Bernoulli draw with probability
-    ``x`` (grey levels in [0, 1], as :func:`load` returns for ``train``).
-
-    Example::
-
-        >>> b = dynamic_binarize(torch.full((2, 3), 0.5), torch.Generator().manual_seed(0))
-        >>> b.shape, set(b.unique().tolist()) <= {0.0, 1.0}
-        (torch.Size([2, 3]), True)
-    """
-    return torch.bernoulli(x, generator=generator)
-
-
 @dataclass
 class OmniglotSplits:
     """Omniglot split 23000/1345/8070 (for the published file): ``train`` grey levels in
-    [0, 1] (binarize each batch with :func:`dynamic_binarize`), ``valid``/``test`` 0/1, all
+    [0, 1] (binarize each batch with :func:`binarize.dynamic`), ``valid``/``test`` 0/1, all
     ``(N, 784)`` (reshape to :data:`IMAGE_SHAPE`); alphabet indices 0..49 or ``None``."""
 
     train: Tensor
@@ -179,8 +135,8 @@ def load(
     def labels(a: Optional[np.ndarray], rows) -> Optional[Tensor]:
         return None if a is None else torch.from_numpy(a[rows])
 
-    valid_bits = binarize_once(train[val], [binarize_seed, 0])
-    test_bits = binarize_once(test, [binarize_seed, 1])
+    valid_bits = binarize.static(train[val], [binarize_seed, 0])
+    test_bits = binarize.static(test, [binarize_seed, 1])
     return OmniglotSplits(
         train=torch.from_numpy(train[fit]).to(dtype),
         valid=torch.from_numpy(valid_bits).to(dtype),

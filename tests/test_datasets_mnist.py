@@ -1,4 +1,5 @@
-"""MNIST loader: the real IDX files, synthetic IDX (gzip and raw) and .amat files, bad files."""
+"""pyro_ffjord.datasets.mnist: the real IDX files, synthetic IDX (gzip and raw) and .amat files,
+bad and missing files. The IDX and .amat readers alone: test_datasets_idx.py, test_datasets_amat.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_ffjord.datasets import mnist
+from pyro_ffjord.datasets import binarize, mnist
+from pyro_ffjord.datasets.amat import write_amat
+from pyro_ffjord.datasets.files import DatasetFileError, DatasetFileMissing
+from pyro_ffjord.datasets.idx import read_idx, write_idx
 
 REAL = Path(__file__).parents[2] / "shared/data/mnist"
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} absent")
@@ -19,7 +23,7 @@ needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} absent")
 # -- the real files -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real():
-    return mnist.load_mnist(REAL)
+    return mnist.load(REAL)
 
 
 @needs_real
@@ -57,24 +61,24 @@ def test_real_checksums_match_the_documented_sums():
 @needs_real
 def test_real_static_binarization_is_seeded(real):
     images = mnist.read_mnist_idx(REAL, mnist.TEST_IMAGES)[:500].reshape(500, -1)
-    a = mnist.binarize_static(images, seed=0)
-    assert np.array_equal(a, mnist.binarize_static(images, seed=0, chunk=7))
-    assert not np.array_equal(a, mnist.binarize_static(images, seed=1))
+    a = binarize.static(images, seed=0, scale=255.0)
+    assert np.array_equal(a, binarize.static(images, seed=0, scale=255.0, chunk=7))
+    assert not np.array_equal(a, binarize.static(images, seed=1, scale=255.0))
     # the loader's test split is the same draw (seed + 1 for the test file), whatever the chunk
     full = mnist.read_mnist_idx(REAL, mnist.TEST_IMAGES).reshape(10000, -1)
-    assert torch.equal(real.test, torch.from_numpy(mnist.binarize_static(full, 1)).float())
+    assert torch.equal(real.test, torch.from_numpy(binarize.static(full, 1, scale=255.0)).float())
     # pixels of intensity 0 stay 0, 255 become 1
     assert (a[images == 0] == 0).all() and (a[images == 255] == 1).all()
 
 
 @needs_real
 def test_real_grey_and_dynamic():
-    grey = mnist.load_mnist(REAL, binarize="dynamic", verify=False)
+    grey = mnist.load(REAL, binarization="dynamic", verify=False)
     assert grey.binarization == "dynamic" and grey.seed is None
     assert grey.train.min() == 0.0 and grey.train.max() == 1.0
     batch = grey.train[:100]
     g = torch.Generator().manual_seed(0)
-    b1, b2 = mnist.dynamic_binarize(batch, g), mnist.dynamic_binarize(batch, g)
+    b1, b2 = binarize.dynamic(batch, g), binarize.dynamic(batch, g)
     assert set(b1.unique().tolist()) == {0.0, 1.0}
     assert not torch.equal(b1, b2)  # a fresh draw per batch
     assert abs(b1.mean().item() - batch.mean().item()) < 0.01
@@ -104,44 +108,29 @@ def _write_small_mnist(directory: Path, compress: bool) -> dict:
     for name, shape in SMALL.items():
         high = 10 if len(shape) == 1 else 256
         arrays[name] = rng.integers(0, high, size=shape, dtype=np.uint8)
-        mnist.write_idx(directory / (name + (".gz" if compress else "")), arrays[name])
+        write_idx(directory / (name + (".gz" if compress else "")), arrays[name])
     return arrays
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gz", "raw"])
 def test_synthetic_idx_round_trip(tmp_path, compress, small_layout):
     arrays = _write_small_mnist(tmp_path, compress)
-    data = mnist.load_mnist(tmp_path, binarize="none", verify=False)
+    data = mnist.load(tmp_path, binarization="none", verify=False)
     images = arrays[mnist.TRAIN_IMAGES].reshape(12, -1)
     assert torch.equal(data.train, torch.from_numpy(images[:8]).float() / 255)
     assert torch.equal(data.valid, torch.from_numpy(images[8:]).float() / 255)
     assert torch.equal(data.test_labels, torch.from_numpy(arrays[mnist.TEST_LABELS]).long())
     assert data.train.shape == (8, 784) and data.test.shape == (5, 784)
     # static binarization of the synthetic files: seeded, 0/1, and the same for the same seed
-    b1 = mnist.load_mnist(tmp_path, seed=3, verify=False)
-    b2 = mnist.load_mnist(tmp_path, seed=3, verify=False)
-    b3 = mnist.load_mnist(tmp_path, seed=4, verify=False)
+    b1 = mnist.load(tmp_path, seed=3, verify=False)
+    b2 = mnist.load(tmp_path, seed=3, verify=False)
+    b3 = mnist.load(tmp_path, seed=4, verify=False)
     assert torch.equal(b1.train, b2.train) and torch.equal(b1.test, b2.test)
     assert not torch.equal(b1.train, b3.train)
     assert set(b1.train.unique().tolist()) == {0.0, 1.0}
     # the real checksums do not match random content
-    with pytest.raises(mnist.MNISTFileError, match="sha256"):
-        mnist.load_mnist(tmp_path)
-
-
-def test_read_idx_small_files(tmp_path):
-    x = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    for name in ("a.idx", "a.idx.gz"):
-        mnist.write_idx(tmp_path / name, x)
-        y = mnist.read_idx(tmp_path / name, shape=(2, 3, 4))
-        assert y.dtype == np.uint8 and np.array_equal(x, y)
-    raw = (tmp_path / "a.idx").read_bytes()
-    assert raw[:4] == b"\x00\x00\x08\x03"
-    assert mnist.read_idx(tmp_path / "a.idx", sha256=hashlib.sha256(raw).hexdigest()).shape == (2, 3, 4)
-    # a big-endian int32 IDX file (type 0x0C) is read in native order
-    ints = np.array([1, -2, 70000], dtype=">i4")
-    (tmp_path / "i.idx").write_bytes(b"\x00\x00\x0c\x01" + np.uint32(3).byteswap().tobytes() + ints.tobytes())
-    assert mnist.read_idx(tmp_path / "i.idx").tolist() == [1, -2, 70000]
+    with pytest.raises(DatasetFileError, match="sha256"):
+        mnist.load(tmp_path)
 
 
 # -- corrupt and missing files ------------------------------------------------------------------
@@ -167,8 +156,8 @@ def _corrupt_copy(tmp_path: Path, name: str, mutate) -> Path:
 )
 def test_corrupt_idx_is_named(tmp_path, mutate, message, small_layout):
     path = _corrupt_copy(tmp_path, mnist.TRAIN_IMAGES, mutate)
-    with pytest.raises(mnist.MNISTFileError, match=message) as info:
-        mnist.load_mnist(tmp_path, verify=False)
+    with pytest.raises(DatasetFileError, match=message) as info:
+        mnist.load(tmp_path, verify=False)
     text = str(info.value)
     assert str(path) in text and "yann.lecun.com/exdb/mnist" in text
 
@@ -180,7 +169,7 @@ def test_wrong_checksum_is_named(tmp_path):
     data = bytearray(gzip.decompress((REAL / f"{mnist.TRAIN_LABELS}.gz").read_bytes()))
     data[100] = (data[100] + 1) % 10
     (tmp_path / mnist.TRAIN_LABELS).write_bytes(bytes(data))
-    with pytest.raises(mnist.MNISTFileError, match="sha256") as info:
+    with pytest.raises(DatasetFileError, match="sha256") as info:
         mnist.read_mnist_idx(tmp_path, mnist.TRAIN_LABELS)
     assert mnist.TRAIN_LABELS in str(info.value) and "yann.lecun.com" in str(info.value)
     assert mnist.read_mnist_idx(tmp_path, mnist.TRAIN_LABELS, verify=False)[100] == data[100]
@@ -190,81 +179,62 @@ def test_bad_gzip_and_bad_labels(tmp_path, small_layout):
     _write_small_mnist(tmp_path, compress=True)
     good = (tmp_path / f"{mnist.TEST_IMAGES}.gz").read_bytes()
     (tmp_path / f"{mnist.TEST_IMAGES}.gz").write_bytes(good[: len(good) // 2])
-    with pytest.raises(mnist.MNISTFileError, match="gzip") as info:
-        mnist.load_mnist(tmp_path, verify=False)
+    with pytest.raises(DatasetFileError, match="gzip") as info:
+        mnist.load(tmp_path, verify=False)
     assert f"{mnist.TEST_IMAGES}.gz" in str(info.value)
     labels = np.full(5, 12, dtype=np.uint8)
-    mnist.write_idx(tmp_path / f"{mnist.TEST_LABELS}.gz", labels)
-    with pytest.raises(mnist.MNISTFileError, match="outside 0..9"):
+    write_idx(tmp_path / f"{mnist.TEST_LABELS}.gz", labels)
+    with pytest.raises(DatasetFileError, match="outside 0..9"):
         mnist.read_mnist_idx(tmp_path, mnist.TEST_LABELS, verify=False)
 
 
 def test_missing_file_is_named(tmp_path, small_layout):
     _write_small_mnist(tmp_path, compress=False)
     (tmp_path / mnist.TEST_LABELS).unlink()
-    with pytest.raises(FileNotFoundError) as info:
-        mnist.load_mnist(tmp_path, verify=False)
+    with pytest.raises(DatasetFileMissing) as info:
+        mnist.load(tmp_path, verify=False)
+    assert isinstance(info.value, FileNotFoundError)
     text = str(info.value)
     assert f"{mnist.TEST_LABELS}.gz" in text and str(tmp_path) in text
     assert "http://yann.lecun.com/exdb/mnist/" in text
     with pytest.raises(FileNotFoundError, match="yann.lecun.com"):
-        mnist.read_idx(tmp_path / "nothing.gz")
-    with pytest.raises(ValueError, match="binarize"):
-        mnist.load_mnist(tmp_path, binarize="otsu")
+        read_idx(tmp_path / "nothing.gz", mnist.idx_published("nothing.gz"))
+    with pytest.raises(ValueError, match="binarization"):
+        mnist.load(tmp_path, binarization="otsu")
+    with pytest.raises(ValueError, match="unknown MNIST file"):
+        mnist.read_mnist_idx(tmp_path, "nothing")
 
 
-# -- .amat files ----------------------------------------------------------------------------------
-def test_amat_reader_and_loader(tmp_path):
-    rng = np.random.default_rng(1)
-    images = {s: (rng.random((n, 784)) < 0.2).astype(np.uint8) for s, n in
-              (("train", 5), ("valid", 3), ("test", 4))}
-    for split, x in images.items():
-        mnist.write_amat(tmp_path / f"binarized_mnist_{split}.amat", x)
-    line = (tmp_path / "binarized_mnist_valid.amat").read_text().splitlines()[0]
-    assert len(line.split(" ")) == 784 and set(line.split(" ")) <= {"0", "1"}
+# -- .amat files (the format itself: test_datasets_amat.py) ----------------------------------------
+def test_amat_loader_insists_on_published_sizes(tmp_path):
+    for split, n in (("train", 5), ("valid", 3), ("test", 4)):
+        write_amat(tmp_path / f"binarized_mnist_{split}.amat", np.eye(n, 784, dtype=np.uint8))
     assert mnist.amat_available(tmp_path)
-    for split, x in images.items():
-        got = mnist.read_amat(tmp_path / f"binarized_mnist_{split}.amat")
-        assert got.dtype == np.uint8 and np.array_equal(got, x)
-    # the loader insists on the published sizes
-    with pytest.raises(mnist.MNISTFileError, match="5 images, expected 50000"):
-        mnist.load_binarized_mnist(tmp_path)
-    # gzip-compressed .amat, trailing blank line and CRLF line ends are accepted
-    text = (tmp_path / "binarized_mnist_test.amat").read_text().replace("\n", "\r\n") + "\n"
-    (tmp_path / "t.amat.gz").write_bytes(gzip.compress(text.encode()))
-    assert np.array_equal(mnist.read_amat(tmp_path / "t.amat.gz", num_rows=4), images["test"])
+    with pytest.raises(DatasetFileError, match="5 images, expected 50000") as info:
+        mnist.load(tmp_path, binarization="amat")
+    assert "binarized_mnist_train.amat" in str(info.value) and "larocheh" in str(info.value)
 
 
 def test_amat_loader_full_sizes(tmp_path, monkeypatch):
     monkeypatch.setattr(mnist, "AMAT_SIZES", {"train": 6, "valid": 2, "test": 2})
     for split, n in mnist.AMAT_SIZES.items():
-        mnist.write_amat(tmp_path / f"binarized_mnist_{split}.amat", np.eye(n, 784, dtype=np.uint8))
-    data = mnist.load_binarized_mnist(tmp_path)
+        write_amat(tmp_path / f"binarized_mnist_{split}.amat", np.eye(n, 784, dtype=np.uint8))
+    data = mnist.load(tmp_path, binarization="amat", seed=5)
     assert data.train.shape == (6, 784) and data.valid.shape == (2, 784) and data.test.shape == (2, 784)
     assert data.train.dtype == torch.float32 and data.train_labels is None
-    assert data.binarization == "amat"
-
-
-@pytest.mark.parametrize(
-    "line, message",
-    [("0 1 " * 391 + "0", "783 values"), ("0 1 " * 392, None), ("0 2 " * 392, "'2'"),
-     ("0 1 " * 391 + "0 1.0", "'1.0'")],
-    ids=["short", "ok", "value-2", "float"],
-)
-def test_amat_malformed(tmp_path, line, message):
-    path = tmp_path / "binarized_mnist_test.amat"
-    path.write_text(("0 " * 784).strip() + "\n" + line.strip() + "\n")
-    if message is None:
-        assert mnist.read_amat(path).shape == (2, 784)
-        return
-    with pytest.raises(mnist.MNISTFileError, match=message) as info:
-        mnist.read_amat(path)
-    assert "line 2" in str(info.value) and str(path) in str(info.value)
-    assert "larocheh" in str(info.value)
+    assert data.binarization == "amat" and data.seed is None
+    assert torch.equal(data.valid, torch.eye(2, 784))
+    # a gzip-compressed file is found under its .gz name
+    plain = tmp_path / "binarized_mnist_test.amat"
+    (tmp_path / "binarized_mnist_test.amat.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    plain.unlink()
+    assert mnist.amat_available(tmp_path)
+    assert torch.equal(mnist.load(tmp_path, binarization="amat").test, data.test)
 
 
 def test_amat_missing(tmp_path):
     assert not mnist.amat_available(tmp_path)
-    with pytest.raises(FileNotFoundError, match="binarized_mnist_train.amat") as info:
-        mnist.load_binarized_mnist(tmp_path)
+    with pytest.raises(DatasetFileMissing, match="binarized_mnist_train.amat") as info:
+        mnist.load(tmp_path, binarization="amat")
+    assert isinstance(info.value, FileNotFoundError)
     assert "larocheh/public/datasets/binarized_mnist" in str(info.value)
