@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: the contenders, NFE counting, machine facts.
+"""Shared pieces of the benchmarks: the contenders, their lever variants, NFE counting, and the
+command line and results file every benchmark has (machine facts from :mod:`pyro_ffjord.runs`).
 
 A contender wraps one density model behind the same three calls (``loss``, ``test_nll``,
 ``nfe``) so that every benchmark compares them side by side in one run.
@@ -6,17 +7,13 @@ A contender wraps one density model behind the same three calls (``loss``, ``tes
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import subprocess
-from typing import Callable, Dict, Optional
+import argparse
+from typing import Callable, Dict
 
 import torch
 import pyro.distributions as dist
 
-from pyro_ffjord import FFJORD
+from pyro_ffjord import FFJORD, runs
 
 # The reference code's defaults for the 2-D toys (see ../shared/reference/ffjord-facts.md).
 REFERENCE_OPTIONS = dict(preset="reference")
@@ -24,6 +21,13 @@ REFERENCE_OPTIONS = dict(preset="reference")
 
 # Levers on top of the reference configuration, each the same capacity (64-64-64 field).
 DIRECT = dict(REFERENCE_OPTIONS, adjoint=False)
+
+
+def rk4(steps: int, **levers) -> dict:
+    """Training through ``steps`` fixed rk4 steps over [0, T], adaptive dopri5 in eval mode."""
+    return dict(DIRECT, solver="rk4", steps=steps, eval_solver="dopri5", **levers)
+
+
 VARIANTS = {
     "exact_direct": DIRECT,
     "hutch_direct": dict(DIRECT, trace="hutchinson", noise="rademacher"),
@@ -34,21 +38,18 @@ VARIANTS = {
     "tol_1e-3": dict(DIRECT, atol=1e-3, rtol=1e-3),
     "sample_norm": dict(DIRECT, error_norm="sample"),
     "concat_time": dict(DIRECT, time_embedding="concat"),
-    "rk4_4": dict(DIRECT, solver="rk4", step_size=0.5 / 4, eval_solver="dopri5"),
-    "rk4_8": dict(DIRECT, solver="rk4", step_size=0.5 / 8, eval_solver="dopri5"),
+    "rk4_4": rk4(4),
+    "rk4_8": rk4(8),
     "T1": dict(DIRECT, T=1.0),
-    "ct_rk4_4": dict(DIRECT, time_embedding="concat", solver="rk4", step_size=0.5 / 4, eval_solver="dopri5"),
-    "ct_rk4_2": dict(DIRECT, time_embedding="concat", solver="rk4", step_size=0.5 / 2, eval_solver="dopri5"),
-    "ct_rk4_4_rnode": dict(
-        DIRECT, time_embedding="concat", solver="rk4", step_size=0.5 / 4, eval_solver="dopri5",
-        kinetic=0.01, jacobian=0.01,
-    ),
-    "ct_T1_rk4_4": dict(DIRECT, time_embedding="concat", T=1.0, solver="rk4", step_size=0.25, eval_solver="dopri5"),
+    "ct_rk4_4": rk4(4, time_embedding="concat"),
+    "ct_rk4_2": rk4(2, time_embedding="concat"),
+    "ct_rk4_4_rnode": rk4(4, time_embedding="concat", kinetic=0.01, jacobian=0.01),
+    "ct_T1_rk4_4": rk4(4, time_embedding="concat", T=1.0),
     "ct_tol3": dict(DIRECT, time_embedding="concat", atol=1e-3, rtol=1e-3),
-    "rk4_2": dict(DIRECT, solver="rk4", step_size=0.5 / 2, eval_solver="dopri5"),
-    "rk4_3": dict(DIRECT, solver="rk4", step_size=0.5 / 3, eval_solver="dopri5"),
-    "rk4_4_rnode": dict(DIRECT, solver="rk4", step_size=0.5 / 4, eval_solver="dopri5", kinetic=0.01, jacobian=0.01),
-    "rk4_4_hutch": dict(DIRECT, solver="rk4", step_size=0.5 / 4, eval_solver="dopri5", trace="hutchinson"),
+    "rk4_2": rk4(2),
+    "rk4_3": rk4(3),
+    "rk4_4_rnode": rk4(4, kinetic=0.01, jacobian=0.01),
+    "rk4_4_hutch": rk4(4, trace="hutchinson"),
     "zero_init_fast": dict(preset="fast", zero_init=True),
     "fast": dict(preset="fast"),  # (b) of the race: the library's "fast" preset
 }
@@ -161,53 +162,27 @@ def backward(contender: Contender, loss: torch.Tensor) -> None:
         loss.backward()
 
 
-def free_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def bench_parser(doc: str, out: str, iters: int, batch_size: int, test_size: int,
+                 iters_help: str = "training iterations") -> argparse.ArgumentParser:
+    """The options every benchmark has: budget, optimiser, seed, threads and results file."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--iters", type=int, default=iters, help=iters_help)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--test-size", type=int, default=test_size, help="held-out points")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores)")
+    p.add_argument("--out", default=out, help="results JSON file ('' writes none)")
+    return p
 
 
-def machine_info(threads: int, device: str = "cpu") -> dict:
-    info = {
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "cores": free_cores(),
-        "threads": threads,
-        "device": device,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def git_revision() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
-
-
-def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+def write_results(name: str, args: argparse.Namespace, payload: dict, device: str = "cpu") -> dict:
+    """``payload`` with the benchmark's name, arguments and machine (date, versions, threads,
+    revision, load), written to ``args.out`` unless it is empty; returns what was written."""
+    payload = {"benchmark": name, "args": vars(args), "machine": runs.machine_info(device), **payload}
+    if args.out:
+        runs.write_json(args.out, payload)
+    return payload
 
 
 def markdown_table(rows, columns: Dict[str, Callable]) -> str:

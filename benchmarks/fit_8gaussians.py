@@ -11,28 +11,15 @@ reference configuration, and writes JSON with the machine and date.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pyro_ffjord import runs
+from pyro_ffjord.datasets import toy
 
-from common import (  # noqa: E402
-    REFERENCE_OPTIONS,
-    OurFFJORD,
-    ZukoCNF,
-    backward,
-    free_cores,
-    git_revision,
-    machine_info,
-    markdown_table,
-    write_json,
-)
-from pyro_ffjord.datasets import toy  # noqa: E402
+from common import REFERENCE_OPTIONS, OurFFJORD, ZukoCNF, backward, bench_parser, markdown_table, write_results
 
 
 def contenders(names):
@@ -73,8 +60,7 @@ def run(contender, args) -> dict:
 
 
 def main(args):
-    threads = args.threads or free_cores()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads or runs.free_cores())
     names = ["ours (default)", 'ours (preset="fast")', "ours (reference config)", "zuko CNF"]
     rows = []
     for name, contender in zip(names, contenders(names)):
@@ -96,29 +82,12 @@ def main(args):
         },
     )
     print(table)
-    payload = {
-        "benchmark": "fit_8gaussians",
-        "args": vars(args),
-        "machine": machine_info(threads),
-        "revision": git_revision(),
-        "results": rows,
-        "table": table,
-    }
-    if args.out:
-        write_json(args.out, payload)
-    return payload
+    return write_results("fit_8gaussians", args, {"results": rows, "table": table})
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser(__doc__, "benchmarks/results/fit_8gaussians.json", iters=200, batch_size=256, test_size=2000)
     p.add_argument("--data", default="8gaussians", choices=toy.NAMES)
-    p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--test-size", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores)")
-    p.add_argument("--out", default="benchmarks/results/fit_8gaussians.json")
     return p
 
 

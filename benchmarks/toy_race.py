@@ -21,29 +21,16 @@ we record the training wall time at which each contender first reaches it, NFE p
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pyro_ffjord import runs
+from pyro_ffjord.datasets import toy
 
-from common import (  # noqa: E402
-    REFERENCE_OPTIONS,
-    VARIANTS,
-    OurFFJORD,
-    ZukoCNF,
-    backward,
-    free_cores,
-    git_revision,
-    machine_info,
-    markdown_table,
-    write_json,
-)
-from pyro_ffjord.datasets import toy  # noqa: E402
+from common import (REFERENCE_OPTIONS, VARIANTS, OurFFJORD, ZukoCNF, backward, bench_parser, markdown_table,
+                    write_results)
 
 
 def make(name: str):
@@ -143,44 +130,29 @@ def table(result) -> str:
 
 
 def main(args):
-    threads = args.threads or free_cores()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads or runs.free_cores())
     results = []
     for data in args.data:
         result = race(data, args)
         result["table"] = table(result)
-        print(f"\n{data}: target NLL {result['target_nll']:.3f}\n{result['table']}\n", flush=True)
+        target = "none" if result["target_nll"] is None else f"{result['target_nll']:.3f}"
+        print(f"\n{data}: target NLL {target}\n{result['table']}\n", flush=True)
         results.append(result)
-    payload = {
-        "benchmark": "toy_race",
-        "args": vars(args),
-        "machine": machine_info(threads, args.device),
-        "revision": git_revision(),
-        "results": results,
-    }
-    if args.out:
-        write_json(args.out, payload)
-    return payload
+    return write_results("toy_race", args, {"results": results}, device=args.device)
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser(__doc__, "benchmarks/results/toy_race.json", iters=1000, batch_size=100, test_size=1000,
+                     iters_help="(a)'s budget; the target is its NLL")
     p.add_argument("--data", nargs="+", default=["pinwheel", "8gaussians"], choices=toy.NAMES)
-    p.add_argument("--iters", type=int, default=1000, help="(a)'s budget; the target is its NLL")
     p.add_argument("--max-iters", type=int, default=2000, help="cap for the other contenders")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", default="fast", choices=sorted(VARIANTS))
     p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS))
     p.add_argument("--target", type=float, default=None, help="fixed target NLL")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--skip-zuko", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="benchmarks/results/toy_race.json")
     return p
 
 

@@ -1,18 +1,13 @@
-"""examples/toy_density.py: quick run outputs, learning, and --resume equal to an uninterrupted run."""
+"""examples/toy_density.py: quick run outputs, learning, --steps reaching the solver, and
+--resume equal to an uninterrupted run."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-spec = importlib.util.spec_from_file_location("toy_density_example", ROOT / "examples" / "toy_density.py")
-toy_density = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(toy_density)
+import toy_density
 
 
 def run(out, *argv):
@@ -27,13 +22,23 @@ def test_quick_run_writes_pictures_and_results(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["test_nll"] == res["test_nll"]
     assert math.isfinite(saved["test_nll"]) and saved["test_finite"]
+    assert math.isfinite(saved["test_nll_training_solver"])
     assert saved["data"] == "pinwheel" and saved["iterations"] == 20 and len(saved["losses"]) == 20
-    assert saved["nfe_forward_last"] == 12  # 3 fixed rk4 steps by default
-    assert saved["config"]["quick"] and saved["flow_options"]["eval_trace"] == "exact"
-    for key in ("train_seconds", "torch", "threads", "device", "date", "nfe_forward_mean", "test_nll_initial"):
+    assert saved["resumed_from"] is None
+    assert saved["nfe_forward_last"] == 12  # 3 fixed rk4 steps by default, 4 evaluations each
+    assert saved["args"]["quick"] and saved["flow_options"]["eval_trace"] == "exact"
+    for key in ("train_seconds", "nfe_forward_mean", "test_nll_initial"):
         assert saved[key] is not None, key
+    for key in ("torch", "threads", "device", "date"):
+        assert saved["machine"][key] is not None, key
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ck["iteration"] == 20
+    assert ck["iteration"] == 20 and len(ck["losses"]) == 20 and "numpy" in ck["rng"]
+
+
+def test_steps_reach_the_training_solver(tmp_path):
+    res = run(tmp_path, "--iters", "2", "--steps", "5", "--test-points", "20", "--grid", "4")
+    assert res["nfe_forward_last"] == 20  # 5 rk4 steps, 4 evaluations each
+    assert res["flow_options"]["steps"] == 5
 
 
 def test_short_fit_lowers_test_nll(tmp_path):
@@ -59,3 +64,12 @@ def test_resume_equals_uninterrupted_run(tmp_path, flow_args):
         torch.testing.assert_close(b["model"][name], value, atol=1e-6, rtol=0, msg=name)
     assert b["losses"] == pytest.approx(a["losses"], abs=1e-6)
     assert resumed["test_nll"] == pytest.approx(whole["test_nll"], abs=1e-5)
+    assert resumed["test_nll_initial"] == whole["test_nll_initial"]
+
+
+def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(tmp_path / "none", "--resume")
+    run(tmp_path, "--iters", "1", "--test-points", "20", "--grid", "4")
+    with pytest.raises(ValueError, match="trained on 'pinwheel'"):
+        run(tmp_path, "--iters", "2", "--resume", "--data", "8gaussians")

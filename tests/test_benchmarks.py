@@ -1,0 +1,81 @@
+"""Smoke tests of benchmarks/: each script runs end to end on a tiny budget and writes its
+results JSON with the expected keys and finite numbers (timings are never asserted)."""
+
+import json
+import math
+import re
+
+import pytest
+
+import common
+import fit_8gaussians
+import toy_race
+
+
+def finite(*values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def check_header(saved, name):
+    assert saved["benchmark"] == name
+    for key in ("date", "torch", "threads", "device", "revision"):
+        assert key in saved["machine"], key
+
+
+@pytest.mark.parametrize("name", sorted(common.VARIANTS))
+def test_variants_build(name):
+    model = common.OurFFJORD(name, **common.VARIANTS[name])
+    config = model.module.config
+    fixed = re.search(r"rk4_(\d+)", name)  # rk4_4, ct_T1_rk4_4, rk4_4_rnode, ...: k fixed rk4 steps
+    if fixed:
+        assert config.solver == "rk4" and config.steps == int(fixed.group(1))
+        assert config.step_size is None and config.eval_solver == "dopri5"
+    else:  # adaptive dopri5, or the "fast" preset's 3 rk4 steps
+        assert config.solver == "dopri5" or (config.solver == "rk4" and config.steps == 3), name
+
+
+def test_fit_8gaussians_smoke(tmp_path):
+    out = tmp_path / "fit.json"
+    argv = ["--iters", "2", "--batch-size", "32", "--test-size", "50", "--threads", "1", "--out", str(out)]
+    payload = fit_8gaussians.main(fit_8gaussians.parser().parse_args(argv))
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(payload))
+    check_header(saved, "fit_8gaussians")
+    rows = {r["name"]: r for r in saved["results"]}
+    assert set(rows) == {"ours (default)", 'ours (preset="fast")', "ours (reference config)", "zuko CNF"}
+    for r in rows.values():
+        assert finite(r["it_per_s"], r["speed_vs_reference"], r["nfe_forward_per_it"],
+                      r["nfe_backward_per_it"], r["test_loglik"], r["final_train_loss"]), r["name"]
+    assert rows['ours (preset="fast")']["nfe_forward_per_it"] == 12  # 3 rk4 steps, 4 evaluations each
+    assert rows["ours (reference config)"]["nfe_backward_per_it"] > 0  # the adjoint solves backwards
+    assert saved["table"].count("\n") == 1 + len(rows)
+
+
+def test_toy_race_smoke(tmp_path):
+    out = tmp_path / "race.json"
+    argv = ["--data", "pinwheel", "--iters", "2", "--max-iters", "2", "--eval-every", "1", "--batch-size", "32",
+            "--test-size", "50", "--variants", "rk4_4", "--skip-zuko", "--threads", "1", "--out", str(out)]
+    toy_race.main(toy_race.parser().parse_args(argv))
+    saved = json.loads(out.read_text())
+    check_header(saved, "toy_race")
+    (result,) = saved["results"]
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["reference", "fast", "rk4_4"]
+    assert result["target_nll"] == rows["reference"]["final_test_nll"]  # (a)'s NLL is the target
+    for r in rows.values():
+        assert r["iters"] == 2 and len(r["curve"]) == 2, r["variant"]
+        assert finite(r["it_per_s"], r["nfe_forward_per_it"], r["nfe_backward_per_it"], r["final_test_nll"],
+                      *(c["test_nll"] for c in r["curve"]))
+    assert rows["rk4_4"]["nfe_forward_per_it"] == 16 and rows["rk4_4"]["options"]["steps"] == 4
+    assert rows["reference"]["x_reference"] == 1.0
+    assert "rk4_4" in result["table"]
+
+
+def test_toy_race_without_reference_or_target(tmp_path):
+    out = tmp_path / "race.json"
+    argv = ["--data", "8gaussians", "--max-iters", "1", "--eval-every", "1", "--batch-size", "16", "--test-size",
+            "20", "--skip-reference", "--skip-zuko", "--threads", "1", "--out", str(out)]
+    toy_race.main(toy_race.parser().parse_args(argv))
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["target_nll"] is None and [r["variant"] for r in result["rows"]] == ["fast"]
+    assert result["rows"][0]["reached_target"] is None and finite(result["rows"][0]["final_test_nll"])
