@@ -1,23 +1,27 @@
-"""examples/vae.py: quick runs of every posterior flow, learning, warm-up, resume, Sylvester log-det."""
+"""examples/vae.py: quick runs of every posterior flow, learning, warm-up, resume, Sylvester
+log-det, and the FFJORD posteriors (the paper's and the lean configuration) as built."""
 
 import functools
-import importlib.util
 import json
 import math
 import pathlib
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from torch import nn
+
+import vae
+import vae_flows
+import vae_model
+from pyro_ffjord import ConditionalFFJORD
+from pyro_ffjord.nets import ConcatLinear
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 MNIST = DATA / "mnist"
-
-spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
-vae = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(vae)
-import vae_model  # noqa: E402  (examples/ is on sys.path once vae.py is loaded)
+DOCS = (ROOT / "docs" / "vae.md").read_text()
 
 needs_mnist = pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="no MNIST copy")
 
@@ -42,7 +46,7 @@ def run(tmp_path, *argv):
 
 
 @needs_mnist
-@pytest.mark.parametrize("flow", vae.FLOWS)
+@pytest.mark.parametrize("flow", vae_flows.FLOWS)
 def test_quick_run_writes_results(tmp_path, flow):
     res = run(tmp_path, "--dataset", "mnist", "--data-dir", str(MNIST), "--flow", flow, "--quick")
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -56,7 +60,7 @@ def test_quick_run_writes_results(tmp_path, flow):
     assert (saved["params_flow"] > 0) == (flow != "none")
     # Importance sampling with K samples is never worse on average than one sample (same q).
     assert saved["test_nll_is"] <= saved["test_neg_elbo"] + 5.0
-    assert res["test_neg_elbo"] == saved["test_neg_elbo"]
+    assert res["test_neg_elbo"] == saved["test_neg_elbo"] and saved["example"] == "vae"
     if flow == "ffjord":
         assert saved["ffjord"]["eval_trace"] == "exact" and saved["ffjord"]["trace"] == "hutchinson"
         assert saved["history"][0]["nfe_forward_per_step"] > 0
@@ -95,7 +99,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_warmup_scales_the_whole_kl_term():
     """poutine.scale(beta) on z in model and guide: loss(beta) = rec + beta * KL, linear in beta."""
     args = vae.parse_args(["--flow", "planar", "--num-flows", "2", "--hypernet-hidden", "16"])
-    model = vae.VAE((1, 28, 28), "bernoulli", 8, 0.125, vae.build_flows(args, 8))
+    model = vae_model.VAE((1, 28, 28), "bernoulli", 8, 0.125, vae_flows.build_flows(args, 8))
     x = torch.bernoulli(torch.full((5, 1, 28, 28), 0.3))
     elbo = pyro.infer.Trace_ELBO()
 
@@ -113,7 +117,7 @@ def test_warmup_scales_the_whole_kl_term():
 
 def test_sylvester_log_det_matches_autograd(float64):
     torch.manual_seed(0)
-    flow = vae_model.ConditionalSylvester(5, 3, num_householder=3)
+    flow = vae_flows.ConditionalSylvester(5, 3, num_householder=3)
     for p in flow.parameters():
         p.data.normal_(0, 0.5)
     context = torch.randn(4, 3)
@@ -155,15 +159,74 @@ def test_frey_unit_conversion():
     assert vae.unit_of("bernoulli", (1, 28, 28))["unit"] == "nats"
 
 
-def test_paper_ffjord_configs():
-    counts = {}
-    for name, cfg in vae_model.PAPER_FFJORD.items():
-        args = vae.parse_args(["--dataset", name, "--flow", "ffjord", "--ffjord-config", "paper"])
-        settings = vae.ffjord_settings(args)
-        assert settings["conditioning"] == "lowrank" and settings["solver"] == "dopri5"
-        assert settings["time_embedding"] == "concat" and settings["T"] == 0.5
-        counts[name] = cfg
-    # MNIST: rank 64, 1024-1024: each block's amortization head is Linear(256 -> 272,448).
-    dims = [64, 1024, 1024, 64]
-    per_block = sum(b + a * 64 + b * 64 for a, b in zip(dims[:-1], dims[1:]))
-    assert per_block == 272_448
+# The paper's amortized low-rank CNF posteriors (the FFJORD reference code's VAE settings):
+# blocks, rank, hidden widths, nonlinearity, per data set.
+PAPER = {
+    "mnist": (2, 64, [1024, 1024], nn.Softplus),
+    "omniglot": (5, 20, [512, 512], nn.Softplus),
+    "freyfaces": (2, 20, [512, 512], nn.Softplus),
+    "caltech": (1, 20, [2048], nn.Tanh),
+}
+
+
+def built_flows(*argv, meta=False):
+    """The posterior flows examples/vae.py builds for these options (parsed, defaults filled)."""
+    args = vae.parse_args(["--flow", "ffjord", *argv])
+    with torch.device("meta" if meta else "cpu"):  # meta: shapes without memory (142M numbers)
+        return vae_flows.build_flows(args, args.latent_dim, vae_model.H_DIM)
+
+
+def field(flow):
+    """Hidden widths, nonlinearity and time embedding of a ConditionalFFJORD's field."""
+    widths = [layer.linear.out_features for layer in flow.net.layers]
+    concat = all(isinstance(layer, ConcatLinear) for layer in flow.net.layers)
+    return widths, type(flow.net.activation), concat
+
+
+@pytest.mark.parametrize("dataset", PAPER)
+def test_paper_ffjord_posterior_as_built(dataset):
+    blocks, rank, hidden, activation = PAPER[dataset]
+    flows = built_flows("--dataset", dataset, "--ffjord-config", "paper", meta=True)
+    assert len(flows) == blocks
+    for flow in flows:
+        assert isinstance(flow, ConditionalFFJORD) and flow.input_dim == 64 and flow.context_dim == 256
+        assert field(flow) == (hidden + [64], activation, True)  # "concat" time embedding
+        net, cfg = flow.net, flow.config
+        assert net.conditioning == "lowrank" and net.rank == rank
+        # One linear head h -> per-sample bias b_l, U_l (in x rank) and V_l (out x rank) of every layer.
+        dims = [64, *hidden, 64]
+        assert net.head.in_features == 256
+        assert net.head.out_features == sum(b + (a + b) * rank for a, b in zip(dims[:-1], dims[1:]))
+        assert cfg.T == 0.5 and not cfg.train_T
+        assert (cfg.trace, cfg.noise, cfg.eval_trace) == ("hutchinson", "rademacher", "exact")
+        assert (cfg.solver, cfg.eval_solver, cfg.atol, cfg.rtol) == ("dopri5", "dopri5", 1e-5, 1e-5)
+        assert not cfg.adjoint and cfg.kinetic == cfg.jacobian == 0  # --adjoint, --kinetic: off by default
+    if dataset == "mnist":  # the flow parameters docs/vae.md reports (they do not depend on --width)
+        n = sum(p.numel() for p in flows.parameters())
+        assert n == 142_406_016 and f"{n:,}" in DOCS
+
+
+def test_lean_ffjord_posterior_as_built():
+    (flow,) = built_flows("--dataset", "mnist")
+    assert field(flow) == ([256, 256, 64], nn.Softplus, True)
+    net, cfg = flow.net, flow.config
+    assert net.conditioning == "concat" and (net.context_proj.in_features, net.context_proj.out_features) == (256, 256)
+    assert (cfg.solver, cfg.steps, cfg.step_size) == ("rk4", 4, None)
+    assert (cfg.trace, cfg.eval_trace, cfg.eval_solver, cfg.atol) == ("hutchinson", "exact", "dopri5", 1e-5)
+    n = sum(p.numel() for p in flow.parameters())
+    assert n == 164_992 and f"{n:,}" in DOCS
+    # The steps reach the training solve: rk4 evaluates the field 4 times per step.
+    for argv, evaluations in (((), 16), (("--ffjord-steps", "3"), 12), (("--quick",), 8)):
+        (flow,) = built_flows(*argv)
+        base = dist.Normal(torch.zeros(5, 64), 1.0).to_event(1)
+        q = dist.ConditionalTransformedDistribution(base, [flow]).condition(torch.randn(5, 256))
+        q.log_prob(q.rsample())
+        assert flow.nfe_forward == evaluations, argv
+    # --quick: a small field, 2 steps, looser tolerance; an explicit option still wins.
+    (flow,) = built_flows("--quick", "--ffjord-tol", "1e-4")
+    assert field(flow)[0] == [32, 64] and flow.config.steps == 2 and flow.config.atol == 1e-4
+    # An adaptive solver ignores the steps.
+    (flow,) = built_flows("--ffjord-solver", "dopri5", "--ffjord-steps", "3")
+    assert flow.config.solver == "dopri5"
+    flow.condition(torch.randn(2, 256))(torch.randn(2, 64))
+    assert flow.nfe_forward not in (0, 12)
