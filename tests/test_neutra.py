@@ -1,28 +1,23 @@
 """examples/neutra.py in its quick mode: NeuTra with an FFJORD guide gives HMC a deterministic
 potential (exact trace in eval mode), a log-det that matches slogdet of the map's Jacobian, and
-finite samples from both samplers."""
+finite samples from both samplers; ``--solver-steps`` sets the rk4 steps of training and HMC."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
 
+from pyro_ffjord import FFJORD, runs
 
-def load():
-    spec = importlib.util.spec_from_file_location("neutra", ROOT / "examples" / "neutra.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import neutra  # examples/ (pytest's pythonpath)
 
 
 def test_quick_run(tmp_path):
-    neutra = load()
     payload = neutra.main(neutra.parse_args(["--quick", "--no-progress", "--out", str(tmp_path)]))
     saved = json.loads((tmp_path / "neutra.json").read_text())
     assert (tmp_path / "neutra.png").stat().st_size > 0
+    assert saved["results"] == payload["results"] and saved["args"]["guide_steps"] == 40
     checks = saved["checks"]
     # HMC's potential and its gradient must not change between calls at the same point.
     assert checks["deterministic"], checks
@@ -31,5 +26,18 @@ def test_quick_run(tmp_path):
     assert checks["logdet_gap_max"] < 1e-3, checks
     methods = [r["method"] for r in payload["results"]]
     assert methods == ["NUTS", "NeuTra NUTS (FFJORD)"]
-    assert all(r["finite"] for r in payload["results"])
+    assert all(r["finite"] and r["potential_evals"] > 0 for r in payload["results"])
     assert payload["results"][1]["ffjord_solves"] > 0
+
+
+@pytest.mark.parametrize("argv, steps", [([], 3), (["--solver-steps", "5"], 5)])
+def test_solver_steps_are_the_rk4_steps_of_training_and_of_hmc(argv, steps):
+    args = neutra.parse_args(["--quick", "--steps", "0", "--no-progress"] + argv)
+    runs.fill_defaults(args, full=neutra.FULL, quick=neutra.QUICK)
+    guide, _, _ = neutra.train_guide(neutra.Funnel(args.dim), args)
+    guide()  # sets the guide up: one training-mode solve
+    (flow,) = [m for m in guide.modules() if isinstance(m, FFJORD)]
+    assert flow.config.eval_solver == "rk4" and flow.nfe_forward == 4 * steps  # 4 evaluations per rk4 step
+    guide.eval()
+    guide.get_posterior().sample((3,))
+    assert flow.nfe_forward == 4 * steps  # HMC's map: the same fixed steps

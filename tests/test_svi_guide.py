@@ -1,12 +1,12 @@
-"""FFJORD guides in SVI: the example in quick mode for each target, recovery of a known 2-D
-Gaussian posterior, vectorized particles with a data plate, and the RNODE penalty in a loss."""
+"""FFJORD guides in SVI: the example in quick mode for each target, its sweep variants' fixed
+steps, recovery of a known 2-D Gaussian posterior, vectorized particles with a data plate, and
+the RNODE penalty in a loss."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
+import re
 
 import pytest
 import torch
@@ -15,25 +15,14 @@ import pyro
 import pyro.distributions as dist
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_ffjord import FFJORD, AutoFFJORD, regularization
+from pyro_ffjord import FFJORD, AutoFFJORD, ffjord, regularization
 
-ROOT = Path(__file__).parents[1]
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("svi_guide", ROOT / "examples" / "svi_guide.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def sg():
-    return _example()
+import svi_guide as sg  # examples/ (pytest's pythonpath)
+from svi_targets import make_target
 
 
 @pytest.mark.parametrize("target", ["funnel", "banana", "logistic"])
-def test_example_quick_writes_json_and_png(sg, target, tmp_path):
+def test_example_quick_writes_json_and_png(target, tmp_path):
     argv = ["--target", target, "--quick", "--out", str(tmp_path), "--no-progress", "--seed", "1"]
     payload = sg.main(sg.parse_args(argv))[target]
     saved = json.loads((tmp_path / f"{target}.json").read_text())
@@ -61,13 +50,25 @@ def test_example_quick_writes_json_and_png(sg, target, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sweep_variants_solve_with_the_fixed_steps_their_labels_name():
+    # "(6 rk4)" in a label: the variant's training solve takes 6 rk4 steps (4 evaluations each)
+    named = [(label, options) for rows in sg.SWEEP.values() for label, options in rows if " rk4)" in label]
+    assert len(named) == 8
+    for label, options in named:
+        steps = int(re.search(r"\((\d+) rk4\)", label).group(1))
+        options = {k: v for k, v in options.items() if k not in ("flows", "hidden_dims")}
+        flow = ffjord(2, hidden_dims=[8], **options)
+        flow(torch.randn(3, 2))
+        assert flow.nfe_forward == 4 * steps, label
+
+
 @pytest.mark.parametrize("target", ["funnel", "banana", "logistic"])
-def test_example_models_match_their_log_joint_under_vectorized_particles(sg, target):
+def test_example_models_match_their_log_joint_under_vectorized_particles(target):
     # The example scores guides with model.log_joint; Trace_ELBO with vectorized particles
     # must see the same density (a data plate that pairs particles wrongly would not).
     from pyro.infer.autoguide import AutoNormal
 
-    model = sg.make_target(target)
+    model = make_target(target)
     elbo = Trace_ELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=1)
     model_trace, guide_trace = elbo._get_vectorized_trace(model, AutoNormal(model), (), {})
     model_trace.compute_log_prob()
