@@ -3,7 +3,6 @@ that recovers a known 2-D density."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,23 +14,15 @@ import pyro
 import pyro.distributions as dist
 from pyro.infer import SVI, Trace_ELBO
 
+import flow_prior as fp
 from pyro_ffjord import FFJORD
 
-ROOT = Path(__file__).parents[1]
 MNIST = Path(__file__).parents[2] / "shared/data/mnist"
 STEPS, LR = 300, 1e-2
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("flow_prior", ROOT / "examples" / "flow_prior.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"{MNIST} absent")
-def test_example_quick_writes_json_and_png(tmp_path):
-    fp = _example()
+def test_example_quick_writes_json_png_and_resumes(tmp_path):
     argv = ["--quick", "--out", str(tmp_path), "--data-dir", str(MNIST), "--no-progress", "--seed", "1"]
     payload = fp.main(fp.parse_args(argv))
     saved = json.loads((tmp_path / "flow_prior.json").read_text())
@@ -55,11 +46,20 @@ def test_example_quick_writes_json_and_png(tmp_path):
     assert again["results"][0]["test_neg_elbo"] == pytest.approx(flow["test_neg_elbo"], abs=1e-4)
     with pytest.raises(ValueError, match="written with"):
         fp.main(fp.parse_args(argv + ["--resume", "--prior", "ffjord", "--lr", "0.5"]))
+    # one epoch, then --resume to two: the same numbers as two epochs in one go (the checkpoint
+    # restores the model, Adam's state and the random state); an explicit --epochs beats --quick's
+    resumed = fp.main(fp.parse_args(argv + ["--resume", "--prior", "ffjord", "--epochs", "2"]))["results"][0]
+    straight_argv = argv[:2] + [str(tmp_path / "straight")] + argv[3:]
+    straight = fp.main(fp.parse_args(straight_argv + ["--prior", "ffjord", "--epochs", "2"]))["results"][0]
+    assert len(straight["train_neg_elbo_per_epoch"]) == 2
+    assert resumed["train_neg_elbo_per_epoch"] == straight["train_neg_elbo_per_epoch"]
+    assert resumed["test_neg_elbo"] == straight["test_neg_elbo"]
 
     # --time-options: ms per SVI step for each candidate flow configuration
     timed = fp.main(fp.parse_args(argv + ["--time-options"]))
     assert len(timed["rows"]) == len(fp.TIMED_OPTIONS)
     assert all(r["ms_per_step"] > 0 for r in timed["rows"])
+    assert [r["nfe_per_solve"] for r in timed["rows"][:3]] == [0.0, 12.0, 12.0]  # none, then 3 rk4 steps
     assert (tmp_path / "time_options.json").exists()
 
 
