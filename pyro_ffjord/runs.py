@@ -43,7 +43,8 @@ def add_run_args(parser: argparse.ArgumentParser, out: str, resume: bool = False
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--out", default=out, help="folder for results, pictures and checkpoints")
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads (%(default)s; None: all the free cores)")
     g.add_argument("--quick", action="store_true", help="a tiny budget, for tests (seconds)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     if resume:
@@ -180,5 +181,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run once without --resume first")
     state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or "rng" not in state:
+        raise ValueError(f"{path} was not written by this version's save_checkpoint (it holds no random "
+                         "state to resume from); start again without --resume")
     set_rng_state(state["rng"], device, numpy_rng)
     return state

@@ -75,6 +75,13 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
         runs.load_checkpoint(tmp_path / "checkpoint.pt")
 
 
+def test_a_foreign_checkpoint_is_refused_clearly(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "torch_rng": torch.get_rng_state()}, path)  # an older format
+    with pytest.raises(ValueError, match="holds no random state.*without --resume"):
+        runs.load_checkpoint(path)
+
+
 def test_checkpoints_hold_no_code(tmp_path):
     # weights_only loading: a checkpoint holding an arbitrary object is refused.
     path = tmp_path / "checkpoint.pt"
