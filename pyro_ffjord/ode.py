@@ -103,13 +103,15 @@ class AugmentedDynamics:
         return tuple(out)
 
 
-def _batch_norm(state: Sequence[Tensor]) -> Tensor:
-    # RMS over the whole batch (torchdiffeq's default), on z and the log-det only.
+def batch_rms(state: Sequence[Tensor]) -> Tensor:
+    """Step-size control norm of ``error_norm="batch"``: the larger of the RMS of z and of the
+    log-det over the whole batch (torchdiffeq's default, without the RNODE states)."""
     return torch.max(state[0].pow(2).mean().sqrt(), state[1].pow(2).mean().sqrt())
 
 
-def _sample_norm(state: Sequence[Tensor]) -> Tensor:
-    # The worst sample's RMS over (z, log-det): one sample's error cannot hide in the batch.
+def worst_sample_rms(state: Sequence[Tensor]) -> Tensor:
+    """Step-size control norm of ``error_norm="sample"``: the worst sample's RMS over
+    (z, log-det), so that one sample's error cannot hide in the batch."""
     z, logdet = state[0], state[1]
     per_sample = (z.pow(2).sum(-1) + logdet.pow(2)) / (z.shape[-1] + 1)
     return per_sample.max().sqrt()
@@ -137,7 +139,7 @@ def solve(
     s = torch.tensor(grid, dtype=x.dtype, device=x.device)
     kwargs: dict = {"method": solver, "rtol": config.rtol, "atol": config.atol}
     if is_adaptive(solver):
-        kwargs["options"] = {"norm": _sample_norm if config.error_norm == "sample" else _batch_norm}
+        kwargs["options"] = {"norm": worst_sample_rms if config.error_norm == "sample" else batch_rms}
     else:
         kwargs["options"] = {"step_size": 1.0 / config.fixed_steps(float(dynamics.T.detach()))}
     dynamics.stats.solves += 1

@@ -18,7 +18,7 @@ from pyro_ffjord.config import (
     default_hidden_dims,
 )
 from pyro_ffjord.nets import ConcatLinear, ConcatSquashLinear
-from pyro_ffjord.ode import _batch_norm, _sample_norm
+from pyro_ffjord.ode import batch_rms, worst_sample_rms
 
 # A value different from every preset's, for each option a preset may set.
 OTHER = dict(
@@ -140,16 +140,16 @@ def test_one_definition_of_the_default_hidden_sizes():
     assert default_hidden_dims(40) == [160, 160, 160]
 
 
-def test_sample_norm_is_the_worst_samples_rms():
+def test_sample_error_norm_is_the_worst_samples_rms():
     # Three samples with per-sample RMS over (z, log-det) of 1, 3 and 2: the norm is 3.
     z = torch.tensor([[1.0, 1.0], [3.0, 3.0], [2.0, 2.0]])
     logdet = torch.tensor([1.0, 3.0, 2.0])
-    assert _sample_norm((z, logdet)).item() == pytest.approx(3.0)
+    assert worst_sample_rms((z, logdet)).item() == pytest.approx(3.0)
     # The batch norm is the larger of the RMS of z and of the log-det over the whole batch.
-    assert _batch_norm((z, logdet)).item() == pytest.approx(math.sqrt(14 / 3))
+    assert batch_rms((z, logdet)).item() == pytest.approx(math.sqrt(14 / 3))
 
 
-def test_sample_norm_controls_the_worst_sample(float64):
+def test_sample_error_norm_controls_the_worst_sample(float64):
     # One fast-moving sample among many still ones: the batch RMS dilutes its error, the
     # per-sample norm does not, so it takes at least as many steps as that sample alone.
     torch.manual_seed(0)
