@@ -26,6 +26,10 @@ def check_tensor(value: Tensor, name: str, size: int, size_name: str, like: Tens
             f"{name} has shape {tuple(value.shape)} but the flow expects (..., {size_name}={size}): "
             f"the last dimension must be {size}"
         )
+    if not (value.is_floating_point() or value.is_complex()):
+        raise ValueError(
+            f"{name} is {value.dtype}, but FFJORD maps real vectors; convert it, e.g. {name}.to({like.dtype})"
+        )
     if value.dtype != like.dtype:
         raise ValueError(
             f"{name} is {value.dtype} but the flow's parameters are {like.dtype}; convert one, "

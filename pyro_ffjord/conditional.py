@@ -63,7 +63,7 @@ class ConditionalFFJORD(HasSolveStats, _FFJORDParams, ConditionalTransformModule
         **options,
     ) -> None:
         super().__init__()
-        if not (isinstance(context_dim, int) and context_dim > 0):
+        if not (isinstance(context_dim, int) and not isinstance(context_dim, bool) and context_dim > 0):
             raise ValueError(f"context_dim must be a positive int, got {context_dim!r}")
         self._stats = SolveStats()
         self._init_params(
@@ -81,7 +81,14 @@ class ConditionalFFJORD(HasSolveStats, _FFJORDParams, ConditionalTransformModule
 
     def condition(self, context: Tensor) -> ConditionedFFJORD:
         check_tensor(context, "context", self.context_dim, "context_dim", next(self.net.parameters()))
-        return ConditionedFFJORD(partial(self._setup, context), self._stats, context.shape[:-1])
+        return ConditionedFFJORD(partial(self._setup, context), self._stats, self._state_key, context.shape[:-1])
+
+    def forward(self, *args, **kwargs):
+        raise TypeError(
+            "ConditionalFFJORD is a conditional transform: condition it on a context first, "
+            "flow.condition(context)(x), or use it in pyro.distributions.ConditionalTransformedDistribution"
+            "(base, [flow]).condition(context)"
+        )
 
 
 def conditional_ffjord(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import List, Optional
 
@@ -13,6 +14,10 @@ ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_GRID_SOLVERS = ("rk4", "euler", "midpoint", "heun2", "heun3", "explicit_adams", "implicit_adams",
                       "fixed_adams")
 SOLVERS = ADAPTIVE_SOLVERS + FIXED_GRID_SOLVERS
+# Fewest function evaluations one step of a fixed-grid method costs (the implicit method's
+# corrector may take more): a grid that cannot fit in max_nfe is refused before it starts.
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "heun2": 2, "heun3": 3, "explicit_adams": 1,
+                  "implicit_adams": 1, "fixed_adams": 1}
 
 # Architecture defaults of the vector field (see pyro_ffjord.nets.ODENet).
 ARCH_DEFAULTS = {"activation": "tanh", "time_embedding": "concatsquash", "zero_init": False}
@@ -54,7 +59,8 @@ PRESETS = {
 
 def apply_preset(preset: Optional[str], kwargs: dict) -> dict:
     """Merge a named preset under the caller's keywords: every keyword the caller gives wins
-    (a caller's ``step_size`` replaces the preset's ``steps``).
+    (a caller's ``step_size`` replaces the preset's ``steps``, which also go when the caller's
+    solvers are all adaptive).
 
     Example::
 
@@ -68,6 +74,9 @@ def apply_preset(preset: Optional[str], kwargs: dict) -> dict:
     merged = {**PRESETS[preset], **kwargs}
     if "step_size" in kwargs and "steps" not in kwargs:
         merged.pop("steps", None)
+    solvers = {merged.get("solver", "dopri5"), merged.get("eval_solver") or merged.get("solver", "dopri5")}
+    if "steps" not in kwargs and all(is_adaptive(s) for s in solvers if s in SOLVERS):
+        merged.pop("steps", None)  # the caller chose adaptive solvers: the preset's grid is moot
     return merged
 
 
@@ -96,6 +105,7 @@ class FFJORDConfig:
     jacobian: float = 0.0
     error_norm: str = "batch"
     max_nfe: int = 20_000
+    max_memory_gb: Optional[float] = None
 
     def __post_init__(self) -> None:
         _choice("trace", self.trace, TRACES)
@@ -112,28 +122,57 @@ class FFJORDConfig:
                     f"{ADAPTIVE_SOLVERS} or a fixed-grid one {FIXED_GRID_SOLVERS}"
                 )
         for name in ("atol", "rtol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            _positive_finite(name, getattr(self, name))
+        for name in ("adjoint", "train_T"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _positive_finite("T (the end time)", self.T)
+        for name in ("kinetic", "jacobian"):
+            value = getattr(self, name)
+            if not (_is_real(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} is a regularization weight and must be finite and >= 0, got {value!r}")
+        if not (_is_int(self.max_nfe) and self.max_nfe >= 1):
+            raise ValueError(f"max_nfe (the step budget of one solve) must be a positive int, got {self.max_nfe!r}")
+        if self.max_memory_gb is not None:
+            _positive_finite("max_memory_gb", self.max_memory_gb)
+        self._check_steps()
+
+    def _check_steps(self) -> None:
         if self.steps is not None:
-            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            if not (_is_int(self.steps) and self.steps >= 1):
                 raise ValueError(f"steps must be a positive int (fixed steps over [0, T]), got {self.steps!r}")
             if self.step_size is not None:
                 raise ValueError("give steps or step_size, not both")
-        for solver in {self.solver, self.eval_solver or self.solver}:
-            if not is_adaptive(solver) and self.steps is None and self.step_size is None:
+        if self.step_size is not None:
+            _positive_finite("step_size", self.step_size)
+        used = {self.solver, self.eval_solver or self.solver}
+        fixed = sorted(s for s in used if not is_adaptive(s))
+        timed = "steps" if self.steps is not None else "step_size"
+        if (self.steps is not None or self.step_size is not None) and not fixed:
+            raise ValueError(
+                f"{timed} applies to fixed-grid solvers, but solver={self.solver!r}"
+                f"{'' if self.eval_solver is None else f' and eval_solver={self.eval_solver!r}'} choose their "
+                f"own steps (atol/rtol); drop {timed}, or use a fixed-grid solver such as solver='rk4'"
+            )
+        for solver in fixed:
+            if self.steps is None and self.step_size is None:
                 raise ValueError(
                     f"the fixed-step solver {solver!r} needs steps (whole steps over [0, T], e.g. 4) "
                     "or step_size (in units of t)"
                 )
-        if self.step_size is not None and not self.step_size > 0:
-            raise ValueError(f"step_size must be positive, got {self.step_size}")
-        if not (math.isfinite(self.T) and self.T > 0):
-            raise ValueError(f"T (the end time) must be positive and finite, got {self.T}")
-        for name in ("kinetic", "jacobian"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} is a regularization weight and must be >= 0")
-        if int(self.max_nfe) < 1:
-            raise ValueError(f"max_nfe must be a positive integer, got {self.max_nfe}")
+            self.check_step_budget(solver, self.T)
+
+    def check_step_budget(self, solver: str, T: float) -> None:
+        """Refuse, before solving, a fixed grid whose evaluations cannot fit in ``max_nfe``."""
+        if is_adaptive(solver):
+            return
+        need = self.fixed_steps(T) * EVALS_PER_STEP.get(solver, 1)
+        if need > self.max_nfe:
+            raise ValueError(
+                f"solver={solver!r} with {self.fixed_steps(T)} steps over [0, T={T:g}] needs at least "
+                f"{need} function evaluations per solve, more than max_nfe={self.max_nfe}; use fewer "
+                "steps (a larger step_size) or raise max_nfe"
+            )
 
     @classmethod
     def from_options(cls, options: dict) -> "FFJORDConfig":
@@ -155,6 +194,19 @@ class FFJORDConfig:
         if self.steps is not None:
             return self.steps
         return max(1, math.ceil(T / self.step_size - 1e-9))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _positive_finite(name: str, value) -> None:
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def _choice(name: str, value: str, allowed: tuple) -> None:

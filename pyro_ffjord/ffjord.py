@@ -2,6 +2,7 @@ r"""FFJORD as a Pyro :class:`~pyro.distributions.torch_transform.TransformModule
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from .checks import check_tensor
-from .config import ARCH_DEFAULTS, EXACT_TRACE_MAX_DIM, FFJORDConfig, apply_preset, default_hidden_dims
+from .config import ARCH_DEFAULTS, EXACT_TRACE_MAX_DIM, FFJORDConfig, apply_preset, default_hidden_dims, is_adaptive
 from .divergence import sample_noise
 from .nets import LayerConditioning, ODENet
 from .ode import AugmentedDynamics, solve
@@ -28,6 +29,18 @@ class SolveSetup(NamedTuple):
     stats: SolveStats
 
 
+class _Latest(NamedTuple):
+    """The latest solve: its two ends, log-det, which end it produced, the parameter state
+    it was computed with and whether it built a graph."""
+
+    x: Tensor
+    y: Tensor
+    ladj: Tensor
+    produced: str
+    key: tuple
+    grad: bool
+
+
 class ConditionedFFJORD(HasSolveStats, Transform):
     r"""The FFJORD bijection for fixed parameters (and, if conditional, a fixed context).
 
@@ -38,12 +51,17 @@ class ConditionedFFJORD(HasSolveStats, Transform):
         \log\left|\det \frac{\partial y}{\partial x}\right|
         = \int_0^T \mathrm{tr}\left(\frac{\partial f}{\partial z(t)}\right) dt,
 
-    integrated in the same solve as :math:`y`. The log-det of the latest ``_call`` or
-    ``_inverse`` is cached and reused by :meth:`log_abs_det_jacobian` only when it is asked
-    about exactly those tensors (identity, not equality); otherwise it solves again.
+    integrated in the same solve as :math:`y`.
+
+    Caching. A solve is expensive, so the result of the latest one is kept, but reused only for
+    the end that solve *produced* (a sample from ``rsample`` scored by ``log_prob``: one solve,
+    not two), and only while the parameters, buffers and mode are those it was computed with:
+    a tensor you pass in again (a fixed data batch) is always solved afresh, so a training loop
+    on one tensor and an evaluation after ``load_state_dict`` or an optimizer step are right.
 
     :param setup_fn: returns a :class:`SolveSetup` at the start of each solve.
     :param stats: where function-evaluation counts and the RNODE penalty are recorded.
+    :param state_key_fn: identifies the current parameter values (see ``_FFJORDParams``).
     :param context_shape: batch shape of the context; it broadcasts against the input's.
     :param int cache_size: 0 or 1, as for any :class:`~torch.distributions.Transform`.
     """
@@ -57,14 +75,16 @@ class ConditionedFFJORD(HasSolveStats, Transform):
         self,
         setup_fn: Callable[[], SolveSetup],
         stats: SolveStats,
+        state_key_fn: Callable[[], tuple],
         context_shape: torch.Size = torch.Size(),
         cache_size: int = 1,
     ) -> None:
         super().__init__(cache_size=cache_size)
         self._setup_fn = setup_fn
         self._stats = stats
+        self._state_key_fn = state_key_fn
         self._context_shape = torch.Size(context_shape)
-        self._ladj_cache = None
+        self._latest: Optional[_Latest] = None
 
     __hash__ = object.__hash__
 
@@ -72,18 +92,26 @@ class ConditionedFFJORD(HasSolveStats, Transform):
     def with_cache(self, cache_size: int = 1) -> Transform:
         if cache_size == self._cache_size:
             return self
-        return ConditionedFFJORD(self._setup_fn, self._stats, self._context_shape, cache_size)
+        return ConditionedFFJORD(self._setup_fn, self._stats, self._state_key_fn, self._context_shape, cache_size)
 
     def clear_cache(self) -> None:
-        super().clear_cache()
-        self._ladj_cache = None
+        self._latest = None
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_ladj_cache"] = None  # holds a graph; never pickled
-        if "_cached_x_y" in state:
-            state["_cached_x_y"] = (None, None)
+        state["_latest"] = None  # holds a graph; never pickled
         return state
+
+    def _remember(self, x: Tensor, y: Tensor, ladj: Tensor, produced: str) -> None:
+        self._latest = _Latest(x, y, ladj, produced, self._state_key_fn(), torch.is_grad_enabled())
+
+    def _reusable(self) -> Optional["_Latest"]:
+        latest = self._latest
+        if latest is None or latest.key != self._state_key_fn():
+            return None
+        if torch.is_grad_enabled() and not latest.grad:  # computed without a graph
+            return None
+        return latest
 
     # -- shapes -----------------------------------------------------------------------------
     def forward_shape(self, shape: torch.Size) -> torch.Size:
@@ -92,20 +120,34 @@ class ConditionedFFJORD(HasSolveStats, Transform):
     inverse_shape = forward_shape
 
     # -- the bijection --------------------------------------------------------------------
+    def __call__(self, x: Tensor) -> Tensor:
+        latest = self._reusable() if self._cache_size else None
+        if latest is not None and latest.produced == "x" and latest.x is x:
+            return latest.y
+        return self._call(x)
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        latest = self._reusable() if self._cache_size else None
+        if latest is not None and latest.produced == "y" and latest.y is y:
+            return latest.x
+        return self._inverse(y)
+
     def _call(self, x: Tensor) -> Tensor:
         y, ladj = self._solve(x, reverse=False)
-        self._ladj_cache = (x, y, ladj)
+        self._remember(x, y, ladj, produced="y")
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
         x, ladj = self._solve(y, reverse=True)
-        self._ladj_cache = (x, y, ladj)
+        self._remember(x, y, ladj, produced="x")
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        cache = self._ladj_cache
-        if cache is not None and cache[0] is x and cache[1] is y:
-            return cache[2]
+        # The pair of the latest solve, whichever end it started from (cache_size 0 too: torch
+        # asks for the log-det of the pair it has just computed).
+        latest = self._reusable()
+        if latest is not None and latest.x is x and latest.y is y:
+            return latest.ladj
         return self._solve(x, reverse=False)[1]
 
     def _solve(self, x: Tensor, reverse: bool):
@@ -122,6 +164,12 @@ class ConditionedFFJORD(HasSolveStats, Transform):
         x = x.expand(batch + x.shape[-1:])
         trace = config.trace if setup.training else config.eval_trace
         solver = config.solver if setup.training else (config.eval_solver or config.solver)
+        if is_adaptive(solver) and torch.finfo(x.dtype).eps > config.rtol:
+            raise ValueError(
+                f"{solver!r} cannot meet rtol={config.rtol:g} in {x.dtype} (its resolution is "
+                f"{torch.finfo(x.dtype).eps:.1e}): the step size would underflow. Use float32 or float64 "
+                "(flow.float()), or a fixed-step solver (solver='rk4', steps=8)"
+            )
         regularize = setup.training and config.regularized and torch.is_grad_enabled()
         noise = sample_noise(x, config.noise) if trace == "hutchinson" else None
         dynamics = AugmentedDynamics(
@@ -134,6 +182,7 @@ class ConditionedFFJORD(HasSolveStats, Transform):
             kinetic=config.kinetic if regularize else 0.0,
             jacobian=config.jacobian if regularize else 0.0,
             max_nfe=config.max_nfe,
+            max_memory_gb=config.max_memory_gb,
         )
         setup.stats.regularization = None
         # Only tensors the dynamics use directly: an adjoint parameter that is also an ancestor
@@ -153,11 +202,11 @@ class _FFJORDParams:
     _stats: SolveStats
 
     def _init_params(self, input_dim: int, preset: Optional[str], options: dict, **net_kwargs) -> None:
-        if not (isinstance(input_dim, int) and input_dim > 0):
+        if not (isinstance(input_dim, int) and not isinstance(input_dim, bool) and input_dim > 0):
             raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
         options = apply_preset(preset, {k: v for k, v in options.items() if v is not None})
         options.setdefault("trace", "exact" if input_dim <= EXACT_TRACE_MAX_DIM else "hutchinson")
-        hidden = list(options.pop("hidden_dims", default_hidden_dims(input_dim)))
+        hidden = options.pop("hidden_dims", default_hidden_dims(input_dim))  # ODENet checks it
         arch = {k: options.pop(k) for k in ARCH_DEFAULTS if k in options}
         self.config = FFJORDConfig.from_options(options)
         self.net = ODENet(input_dim, hidden, **{**ARCH_DEFAULTS, **arch}, **net_kwargs)
@@ -166,6 +215,18 @@ class _FFJORDParams:
             self.log_T = nn.Parameter(log_T)
         else:
             self.register_buffer("log_T", log_T)
+        self.register_load_state_dict_post_hook(_FFJORDParams._loaded)
+
+    @staticmethod
+    def _loaded(module: "_FFJORDParams", incompatible) -> None:
+        # log_T is the one source of truth for T: config.T follows what was loaded.
+        module.config.T = float(module.log_T.detach().exp())
+
+    def _state_key(self) -> tuple:
+        """Identifies the current values of every parameter and buffer, and the mode: in-place
+        updates (optimizer steps, load_state_dict) bump a tensor's version counter."""
+        tensors = itertools.chain(self.parameters(), self.buffers())
+        return (self.training, *((id(t), t._version) for t in tensors))
 
     @property
     def input_dim(self) -> int:
@@ -249,11 +310,11 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
         preset: Optional[str] = None,
         **options,
     ) -> None:
-        super().__init__(self._setup, SolveStats())
+        super().__init__(self._setup, SolveStats(), self._state_key)
         self._init_params(input_dim, preset, dict(options, hidden_dims=hidden_dims))
 
     def train(self, mode: bool = True) -> "FFJORD":
-        # Train and eval modes use different traces/solvers: a cached result is stale.
+        # The cache key holds the mode already; this frees the graph the cache holds.
         self.clear_cache()
         return super().train(mode)
 

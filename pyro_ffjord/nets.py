@@ -82,14 +82,65 @@ class ConcatLinear(nn.Module):
 LAYERS = {"concatsquash": ConcatSquashLinear, "concat": ConcatLinear}
 
 
-def make_activation(activation: Union[str, Callable[[], nn.Module], nn.Module]) -> nn.Module:
+class Elementwise(nn.Module):
+    """A plain function such as ``torch.tanh`` as a module (what ``activation=torch.tanh`` builds)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return activation_name(self.fn)
+
+
+def activation_name(activation) -> str:
+    """What a state_dict records of an activation, to refuse loading into another one:
+    ``"tanh"`` for the name, ``nn.Tanh``, ``nn.Tanh()`` and ``torch.tanh`` alike."""
+    if isinstance(activation, str):
+        return activation
+    if isinstance(activation, Elementwise):
+        activation = activation.fn
+    for name, cls in ACTIVATIONS.items():
+        if activation is cls or (type(activation) is cls and repr(activation) == repr(cls())):
+            return name
+        if activation in (getattr(torch, name, None), getattr(nn.functional, name, None)):
+            return name
+    if isinstance(activation, nn.Module):
+        return repr(activation)
+    return f"{getattr(activation, '__module__', None)}.{getattr(activation, '__qualname__', repr(activation))}"
+
+
+def make_activation(activation: Union[str, Callable, nn.Module]) -> nn.Module:
+    """A module from a name (``"tanh"``), a module, a module class (``nn.Tanh``) or an
+    elementwise function (``torch.tanh``)."""
     if isinstance(activation, nn.Module):
         return activation
     if isinstance(activation, str):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} unknown; choose one of {sorted(ACTIVATIONS)}")
         return ACTIVATIONS[activation]()
-    return activation()
+    if isinstance(activation, type) and issubclass(activation, nn.Module):
+        return activation()
+    if callable(activation):
+        return Elementwise(activation)
+    raise ValueError(
+        f"activation must be a name {sorted(ACTIVATIONS)}, a module or a function, got {activation!r}"
+    )
+
+
+def _check_hidden_dims(hidden_dims) -> List[int]:
+    ok = isinstance(hidden_dims, (list, tuple)) and all(
+        isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden_dims
+    )
+    if not ok:
+        raise ValueError(
+            f"hidden_dims must be a list of positive ints (widths of the hidden layers, e.g. [64, 64]; "
+            f"[] for a field linear in z), got {hidden_dims!r}"
+        )
+    return list(hidden_dims)
 
 
 class ODENet(nn.Module):
@@ -128,11 +179,15 @@ class ODENet(nn.Module):
             raise ValueError(f"time_embedding={time_embedding!r}; choose one of {tuple(LAYERS)}")
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning={conditioning!r}; choose one of {CONDITIONINGS}")
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+        if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        hidden_dims = _check_hidden_dims(hidden_dims)
         self.input_dim = input_dim
         self.context_dim = context_dim
         self.conditioning = conditioning if context_dim > 0 else None
+        # What a state_dict must agree on beyond tensor shapes (see get_extra_state).
+        self.architecture = {"activation": activation_name(activation), "time_embedding": time_embedding,
+                             "conditioning": self.conditioning, "rank": rank if self.conditioning == "lowrank" else None}
         self.rank = rank
         dims = [input_dim, *hidden_dims, input_dim]
         self.layers = nn.ModuleList(LAYERS[time_embedding](a, b) for a, b in zip(dims[:-1], dims[1:]))
@@ -161,6 +216,20 @@ class ODENet(nn.Module):
             for lo, hi in ((start, start + bias), (start + bias + u, start + bias + u + v)):
                 self.head.weight[lo:hi].zero_()
                 self.head.bias[lo:hi].zero_()
+
+    def get_extra_state(self) -> dict:
+        return dict(self.architecture)
+
+    def set_extra_state(self, state: dict) -> None:
+        # Shapes catch other widths; an activation or time embedding that differs would load
+        # silently and compute another function.
+        if state != self.architecture:
+            diff = {k: (state.get(k), v) for k, v in self.architecture.items() if state.get(k) != v}
+            raise ValueError(
+                "this state_dict was saved from a vector field with another architecture: "
+                + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
+                + "; build the flow with the saved options before loading"
+            )
 
     def field_parameters(self) -> List[nn.Parameter]:
         """Parameters used inside :meth:`forward` (not those of the context head, which only

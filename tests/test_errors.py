@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pyro_ffjord import ConditionalFFJORD, FFJORD, SolverError, conditional_ffjord, ffjord
+from pyro_ffjord.config import ADAPTIVE_SOLVERS
 
 OPTIONS = dict(hidden_dims=[8, 8], zero_init=False)
 
@@ -142,33 +143,52 @@ def test_unknown_option_name(factory):
         (dict(solver="runge"), "solver='runge' is not a supported torchdiffeq method.*dopri5.*rk4"),
         (dict(eval_solver="runge"), "eval_solver='runge' is not a supported torchdiffeq method"),
         (dict(solver="scipy_solver"), "scipy_solver cannot backpropagate"),
-        (dict(atol=-1e-5), "atol must be positive"),
-        (dict(rtol=0.0), "rtol must be positive"),
+        (dict(atol=-1e-5), "atol must be a positive finite number"),
+        (dict(atol=float("inf")), "atol must be a positive finite number, got inf"),
+        (dict(rtol=float("nan")), "rtol must be a positive finite number"),
+        (dict(rtol=0.0), "rtol must be a positive finite number"),
         (dict(solver="rk4"), "fixed-step solver 'rk4' needs steps .* or step_size"),
         (dict(solver="euler"), "fixed-step solver 'euler' needs steps"),
         (dict(eval_solver="rk4"), "fixed-step solver 'rk4' needs steps"),
-        (dict(solver="rk4", step_size=-0.1), "step_size must be positive"),
+        (dict(solver="rk4", step_size=-0.1), "step_size must be a positive finite number"),
+        (dict(step_size=0.1), "step_size applies to fixed-grid solvers, but solver='dopri5'"),
+        (dict(steps=4, solver="bosh3", eval_solver="dopri5"), "steps applies to fixed-grid solvers"),
+        (dict(solver="rk4", step_size=1e-7), "needs at least 20000000 function evaluations.*max_nfe=20000"),
+        (dict(solver="euler", steps=50, max_nfe=49), "needs at least 50 function evaluations"),
         (dict(solver="rk4", steps=0), "steps must be a positive int"),
         (dict(solver="rk4", steps=2.5), "steps must be a positive int"),
         (dict(solver="rk4", steps=True), "steps must be a positive int"),
         (dict(solver="rk4", steps=4, step_size=0.1), "steps or step_size, not both"),
-        (dict(T=-1.0), "T \\(the end time\\) must be positive"),
-        (dict(T=float("inf")), "must be positive and finite"),
-        (dict(kinetic=-0.1), "kinetic is a regularization weight and must be >= 0"),
+        (dict(T=-1.0), "T \\(the end time\\) must be a positive finite number"),
+        (dict(T=float("inf")), "must be a positive finite number"),
+        (dict(kinetic=-0.1), "kinetic is a regularization weight and must be finite and >= 0"),
+        (dict(kinetic=float("inf")), "kinetic is a regularization weight and must be finite"),
         (dict(jacobian=-0.1), "jacobian is a regularization weight"),
         (dict(error_norm="max"), "error_norm='max' is not supported"),
-        (dict(max_nfe=0), "max_nfe must be a positive integer"),
+        (dict(max_nfe=0), "max_nfe .* must be a positive int"),
+        (dict(max_nfe="100"), "max_nfe .* must be a positive int, got '100'"),
+        (dict(max_nfe=float("inf")), "max_nfe .* must be a positive int, got inf"),
+        (dict(max_nfe=True), "max_nfe .* must be a positive int"),
+        (dict(max_memory_gb=0), "max_memory_gb must be a positive finite number"),
+        (dict(adjoint="yes"), "adjoint must be True or False"),
+        (dict(hidden_dims=64), "hidden_dims must be a list of positive ints"),
+        (dict(hidden_dims="64"), "hidden_dims must be a list of positive ints"),
+        (dict(hidden_dims=[0]), "hidden_dims must be a list of positive ints"),
+        (dict(hidden_dims=[-4]), "hidden_dims must be a list of positive ints"),
+        (dict(hidden_dims=[8.0]), "hidden_dims must be a list of positive ints"),
+        (dict(activation=3), "activation must be a name"),
         (dict(preset="slow"), "preset='slow' unknown.*fast"),
         (dict(activation="gelu2"), "activation='gelu2' unknown"),
         (dict(time_embedding="sin"), "time_embedding='sin'"),
     ],
 )
 def test_bad_option_values(options, match):
+    options = {"hidden_dims": [8], **options}
     with pytest.raises(ValueError, match=match):
-        FFJORD(2, hidden_dims=[8], **options)
+        FFJORD(2, **options)
 
 
-@pytest.mark.parametrize("input_dim", [0, -2, 2.0])
+@pytest.mark.parametrize("input_dim", [0, -2, 2.0, True])
 def test_bad_input_dim(input_dim):
     with pytest.raises(ValueError, match="input_dim must be a positive int"):
         FFJORD(input_dim, hidden_dims=[8])
@@ -181,7 +201,9 @@ def test_bad_input_dim(input_dim):
     [
         (dict(context_dim=0), "context_dim must be a positive int"),
         (dict(conditioning="film"), "conditioning='film'"),
-        (dict(conditioning="lowrank", rank=0), "rank must be >= 1"),
+        (dict(conditioning="lowrank", rank=0), "rank must be a positive int"),
+        (dict(conditioning="lowrank", rank=1.5), "rank must be a positive int"),
+        (dict(context_dim=True), "context_dim must be a positive int"),
     ],
 )
 def test_bad_conditional_options(options, match):
@@ -246,7 +268,7 @@ def nan_field(t, z, cond=None):
 @pytest.mark.parametrize("field", [cubic, exp_exp, nan_field])
 @pytest.mark.parametrize("solver", ["dopri5", "rk4", "bosh3"])
 def test_diverging_dynamics_raise_solver_error(monkeypatch, field, solver):
-    f = flow(solver=solver, step_size=0.05)
+    f = flow(solver=solver, **({} if solver in ADAPTIVE_SOLVERS else {"step_size": 0.05}))
     monkeypatch.setattr(f.net, "forward", field)
     with pytest.raises(SolverError, match="underflow|not finite|max_nfe") as info:
         f(torch.full((3, 2), 2.0))

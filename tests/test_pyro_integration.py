@@ -76,7 +76,8 @@ def test_torch_save_load_weights_only(kind, tmp_path):
     path = tmp_path / "flow.pt"
     torch.save(flow.state_dict(), path)
     state = torch.load(path, weights_only=True)
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    # Tensors, and the architecture record (plain values) that refuses a mismatched field.
+    assert all(isinstance(v, torch.Tensor) or k.endswith("_extra_state") for k, v in state.items())
     fresh = make(kind, train_T=True)
     fresh.load_state_dict(state)
     assert fresh.end_time.item() == pytest.approx(0.6)
