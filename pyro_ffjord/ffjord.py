@@ -290,9 +290,15 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
     units of t), ``adjoint`` (memory-light gradients; default False: backprop through the
     solver is faster), ``T`` (end time, 0.5), ``train_T`` (learn T), ``kinetic``/``jacobian``
     (RNODE weights; see :attr:`regularization`), ``error_norm`` (``"batch"`` RMS or worst
-    ``"sample"``) and ``max_nfe`` (step budget per solve; exceeding it raises
-    :class:`~pyro_ffjord.ode.SolverError`). The defaults are defined in
-    :mod:`pyro_ffjord.config`.
+    ``"sample"``), ``max_nfe`` (step budget per solve; exceeding it raises
+    :class:`~pyro_ffjord.ode.SolverError`, and a fixed grid that cannot fit is refused before
+    it starts) and ``max_memory_gb`` (what the graph of one training solve may hold when
+    backpropagating through the solver; default half the free memory). The defaults are
+    defined in :mod:`pyro_ffjord.config`; every option is checked when the flow is built.
+
+    The state_dict holds the end time (``log_T``: loading it sets ``config.T``) and a record
+    of the architecture, so loading into a flow with another activation or time embedding is
+    refused. An empty batch (an empty plate) maps to an empty result without a solve.
 
     References:
 
