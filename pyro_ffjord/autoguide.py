@@ -35,8 +35,8 @@ class AutoFFJORD(AutoNormalizingFlow):
         hidden_dims: Optional[Sequence[int]] = None,
         **options,
     ) -> None:
-        if num_flows < 1:
-            raise ValueError(f"num_flows must be >= 1, got {num_flows}")
+        if not (isinstance(num_flows, int) and not isinstance(num_flows, bool) and num_flows >= 1):
+            raise ValueError(f"num_flows must be a positive int, got {num_flows!r}")
         init = partial(iterated, num_flows, ffjord, hidden_dims=hidden_dims, **options)
         super().__init__(model, init)
 

@@ -246,3 +246,14 @@ def test_conditional_flow_without_context_says_what_to_do():
     flow = ConditionalFFJORD(2, 3, hidden_dims=[8])
     with pytest.raises(TypeError, match=r"condition it on a context first, flow.condition\(context\)"):
         flow(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("num_flows", [0, 1.5, True, "2"])
+def test_autoguide_refuses_a_bad_number_of_flows(num_flows):
+    from pyro_ffjord import AutoFFJORD
+
+    def model():
+        pass
+
+    with pytest.raises(ValueError, match="num_flows must be a positive int"):
+        AutoFFJORD(model, num_flows=num_flows)
