@@ -17,6 +17,7 @@ exist only while regularizing and never drive step-size control.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -112,7 +113,14 @@ class AugmentedDynamics:
         self._count()
         z = state[0]
         graph = torch.is_grad_enabled()
-        with torch.enable_grad():
+        # The trace needs autograd even under torch.inference_mode(): leave it locally, with
+        # a normal copy of the state (inference tensors cannot enter a graph).
+        inference = torch.is_inference_mode_enabled()
+        with torch.inference_mode(False) if inference else contextlib.nullcontext(), torch.enable_grad():
+            T, cond = self.T, self.cond
+            if inference:
+                z, s, T = z.clone(), s.clone(), T.clone()
+                cond = cond and [type(c)(*(t if t is None else t.clone() for t in c)) for c in cond]
             if not (graph and z.requires_grad):
                 # Without a graph to extend (e.g. the adjoint's no-grad forward solve) start a
                 # fresh leaf: a view made under no_grad cannot be differentiated against.
@@ -120,11 +128,11 @@ class AugmentedDynamics:
             if graph and self.solving and not self.graph_bytes_per_eval:
                 saved = _SavedBytes()
                 with saved:
-                    f, div, frob = self._field(s, z, graph)
+                    f, div, frob = self._field(s, z, graph, T, cond)
                 self.graph_bytes_per_eval = max(saved.nbytes, 1)
                 self._check_memory(self.graph_bytes_per_eval)
             else:
-                f, div, frob = self._field(s, z, graph)
+                f, div, frob = self._field(s, z, graph, T, cond)
         out = [f, div]
         if self.kinetic or self.jacobian:
             out.append(0.5 * f.pow(2).mean(-1) / self.T if self.kinetic else torch.zeros_like(div))
@@ -133,9 +141,8 @@ class AugmentedDynamics:
             out = [o.detach() for o in out]
         return tuple(out)
 
-
-    def _field(self, s: Tensor, z: Tensor, graph: bool):
-        f = self.T * self.net(s * self.T, z, self.cond)
+    def _field(self, s: Tensor, z: Tensor, graph: bool, T: Tensor, cond):
+        f = T * self.net(s * T, z, cond)
         if self.trace == "exact":
             div, frob = exact_divergence(f, z, graph, self.jacobian)
         else:

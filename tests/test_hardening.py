@@ -257,3 +257,19 @@ def test_autoguide_refuses_a_bad_number_of_flows(num_flows):
 
     with pytest.raises(ValueError, match="num_flows must be a positive int"):
         AutoFFJORD(model, num_flows=num_flows)
+
+
+@pytest.mark.parametrize("conditioning", [None, "concat", "lowrank"])
+def test_inference_mode_gives_what_no_grad_gives(conditioning):
+    # The trace needs autograd; under torch.inference_mode() it failed ("does not require grad").
+    if conditioning is None:
+        t = FFJORD(2, hidden_dims=[8]).eval()
+    else:
+        t = ConditionalFFJORD(2, 3, hidden_dims=[8], conditioning=conditioning).eval().condition(torch.randn(4, 3))
+    x = torch.randn(4, 2)
+    with torch.no_grad():
+        want = t.inv(x), t.log_abs_det_jacobian(torch.ones(4, 2), x)
+    with torch.inference_mode():
+        got = t.inv(x), t.log_abs_det_jacobian(torch.ones(4, 2), x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
