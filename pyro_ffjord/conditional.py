@@ -81,7 +81,11 @@ class ConditionalFFJORD(HasSolveStats, _FFJORDParams, ConditionalTransformModule
 
     def condition(self, context: Tensor) -> ConditionedFFJORD:
         check_tensor(context, "context", self.context_dim, "context_dim", next(self.net.parameters()))
-        return ConditionedFFJORD(partial(self._setup, context), self._stats, self._state_key, context.shape[:-1])
+        key = partial(self._context_state_key, context)
+        return ConditionedFFJORD(partial(self._setup, context), self._stats, key, context.shape[:-1])
+
+    def _context_state_key(self, context: Tensor) -> tuple:
+        return (*self._state_key(), context._version)  # a context changed in place is another map
 
     def forward(self, *args, **kwargs):
         raise TypeError(
