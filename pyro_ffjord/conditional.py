@@ -19,7 +19,11 @@ class ConditionalFFJORD(HasSolveStats, _FFJORDParams, ConditionalTransformModule
     encoder output of a VAE for an amortized posterior :math:`q(z \mid x)`.
 
     :meth:`condition` returns a :class:`~pyro_ffjord.ffjord.ConditionedFFJORD`. The context has
-    shape ``(..., context_dim)`` and broadcasts against the input's batch shape. Conditioning:
+    shape ``(..., context_dim)`` and broadcasts against the input's batch shape (both ways: the
+    output's batch shape is the broadcast of the two, and ``forward_shape``/``inverse_shape``
+    say so), so a :class:`~pyro.distributions.ConditionalTransformedDistribution` conditioned on
+    a context of batch shape ``(N,)`` has batch shape ``(N,)`` even with an unbatched base.
+    Conditioning:
 
     - ``"concat"``: the context joins the input of the first layer (computed once per solve
       as a per-sample bias :math:`W_c c`).

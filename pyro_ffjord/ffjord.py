@@ -115,6 +115,11 @@ class ConditionedFFJORD(HasSolveStats, Transform):
 
     # -- shapes -----------------------------------------------------------------------------
     def forward_shape(self, shape: torch.Size) -> torch.Size:
+        """The shape of the output for an input of ``shape``: its batch shape broadcast with the
+        context's (a conditioned flow is a batch of bijections), e.g. ``(1, D)`` for ``(D,)``
+        and a context of shape ``(1, context_dim)``. Pyro's conditional transforms return
+        ``shape`` unchanged instead, so Pyro's generic ``TransformTests._test_shape`` rejects
+        this on purpose (docs/pyro_generic_checks.md)."""
         return torch.broadcast_shapes(shape[:-1], self._context_shape) + shape[-1:]
 
     inverse_shape = forward_shape
