@@ -22,7 +22,7 @@ honest density, not the training estimate, reported at several points of trainin
 the PNG with samples. Results and discussion: docs/amortized_and_neutra.md. Run::
 
     python examples/amortized_vi.py                 # all guides, about 8 minutes on one CPU thread
-    python examples/amortized_vi.py --quick         # seconds, for tests
+    python examples/amortized_vi.py --quick         # seconds, for tests (out/amortized_vi-quick)
 """
 
 from __future__ import annotations
@@ -233,24 +233,25 @@ def plot(results, model, x_eval, path, diag_floor):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, help="SVI steps per guide (2000; quick: 30)")
+    count, rate = runs.positive_int, runs.positive_float
+    p.add_argument("--steps", type=count, help="SVI steps per guide (2000; quick: 30)")
     p.add_argument("--guides", nargs="+", default=list(ALL_GUIDES), choices=ALL_GUIDES)
-    p.add_argument("--dim", type=int, default=2, help="latent dimension d")
-    p.add_argument("--obs-dim", type=int, default=3, help="observation dimension n")
-    p.add_argument("--sigma", type=float, default=1.0, help="observation noise")
-    p.add_argument("--n-train", type=int, help="training observations (2048; quick: 256)")
-    p.add_argument("--n-eval", type=int, help="held-out observations (256; quick: 32)")
-    p.add_argument("--eval-samples", type=int, help="q samples per held-out x (32; quick: 8)")
-    p.add_argument("--evals", type=int, help="evaluations during training (10; quick: 2)")
-    p.add_argument("--batch-size", type=int, help="(128; quick: 32)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--context-dim", type=int, default=16)
-    p.add_argument("--hidden-dims", type=int, nargs="+", help="the flows' vector field (64 64 64; quick: 32 32)")
-    p.add_argument("--rank", type=int, default=2, help="rank for lowrank conditioning")
+    p.add_argument("--dim", type=runs.int_at_least(2), default=2, help="latent dimension d (at least 2)")
+    p.add_argument("--obs-dim", type=count, default=3, help="observation dimension n")
+    p.add_argument("--sigma", type=rate, default=1.0, help="observation noise")
+    p.add_argument("--n-train", type=count, help="training observations (2048; quick: 256)")
+    p.add_argument("--n-eval", type=count, help="held-out observations (256; quick: 32)")
+    p.add_argument("--eval-samples", type=count, help="q samples per held-out x (32; quick: 8)")
+    p.add_argument("--evals", type=count, help="evaluations during training (10; quick: 2)")
+    p.add_argument("--batch-size", type=count, help="(128; quick: 32)")
+    p.add_argument("--lr", type=rate, default=3e-3)
+    p.add_argument("--context-dim", type=count, default=16)
+    p.add_argument("--hidden-dims", type=count, nargs="+", help="the flows' vector field (64 64 64; quick: 32 32)")
+    p.add_argument("--rank", type=count, default=2, help="rank for lowrank conditioning")
     p.add_argument("--preset", default="fast", help="FFJORD preset ('' for the defaults)")
-    runs.add_run_args(p, out="out/amortized_vi")
-    p.set_defaults(threads=1)  # the documented run uses one torch thread
-    return p.parse_args(argv)
+    # one thread: 2-D latents, 64-wide fields (the documented run too)
+    runs.add_run_args(p, out="out/amortized_vi", threads=1, threads_note="2-D latents and 64-wide fields")
+    return runs.parse(p, argv)
 
 
 def main(args) -> dict:
@@ -278,4 +279,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runs.cli(main, parse_args)

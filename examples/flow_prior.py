@@ -12,10 +12,13 @@ cache-miss path: one reverse solve for :math:`\log p_\psi(z)`. Training uses the
 (exact trace, dopri5 1e-5), so the test ELBO (one :math:`z` per test image, as in the FFJORD paper)
 is that of the continuous-time model. Data: MNIST from the published IDX files (``--data-dir``),
 statically binarized with a fixed seed, 50k/10k/10k. Results and discussion: docs/flow_prior.md.
-``--time-options`` only times SVI steps for several flow options. Run::
+``--time-options`` only times SVI steps for several flow options. Networks, SVI set-up and the
+test ELBO: ``flow_prior_model.py``. Checkpoints (``checkpoint_<prior>.pt``) are written every
+epoch, every ``--checkpoint-minutes`` (mid-epoch) and on Ctrl-C (which then exits); ``--resume``
+continues them exactly and refuses one written with other options (lr, seed, sizes...). Run::
 
     python examples/flow_prior.py                 # the documented run (see docs/flow_prior.md)
-    python examples/flow_prior.py --quick         # seconds, for tests
+    python examples/flow_prior.py --quick         # seconds, for tests (out/flow_prior-quick)
     python examples/flow_prior.py --prior ffjord --epochs 30 --resume   # continue a run
 """
 
@@ -26,19 +29,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import pyro
-import pyro.distributions as dist
-from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
-from pyro.nn import DenseNN
-
-from pyro_ffjord import FFJORD, regularization, runs
+from flow_prior_model import VAE, evaluate, flow_options, make_svi  # noqa: F401 (VAE: fp.VAE)
+from pyro_ffjord import runs
 from pyro_ffjord.datasets import mnist
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -46,122 +44,62 @@ FULL = dict(epochs=20, latent_dim=16, hidden=[512, 256], flow_hidden=[64, 64, 64
             eval_batch_size=1000)
 QUICK = dict(epochs=1, latent_dim=4, hidden=[64], flow_hidden=[16, 16], batch_size=50, eval_batch_size=200,
              subset=200, test_subset=200)
-
-
-class VAE(nn.Module):
-    """MLP encoder and decoder; prior N(0, I), pushed through ``FFJORD(latent_dim, **flow_options)`` if given."""
-
-    def __init__(self, latent_dim: int, hidden: List[int], flow_options: Optional[dict] = None):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.encoder = DenseNN(784, hidden, [2 * latent_dim])  # ReLU between the layers
-        self.decoder = DenseNN(latent_dim, hidden[::-1], [784])
-        self.flow = None if flow_options is None else FFJORD(latent_dim, **flow_options)
-
-    def prior(self, batch: int, like: Tensor) -> dist.TorchDistribution:
-        base = dist.Normal(like.new_zeros(batch, self.latent_dim), 1.0).to_event(1)
-        return base if self.flow is None else dist.TransformedDistribution(base, [self.flow])
-
-    def model(self, x: Tensor) -> None:
-        pyro.module("decoder", self.decoder)
-        if self.flow is not None:
-            pyro.module("prior_flow", self.flow)  # the prior's parameters are learned by SVI
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", self.prior(x.shape[0], x))
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
-
-    def guide(self, x: Tensor) -> None:
-        pyro.module("encoder", self.encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, raw = self.encoder(x).split(self.latent_dim, -1)
-            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-4).to_event(1))
-
-
-def evaluate(vae: VAE, data: Tensor, batch_size: int, device: str) -> Dict[str, float]:
-    """Test ELBO per image (nats, one z per image) in eval mode (exact trace, the flow's eval
-    solver), split into log p(x|z) and the KL estimate log q(z|x) - log p(z)."""
-    vae.eval()
-    sums, nfe, start = {"rec": 0.0, "kl": 0.0, "elbo": 0.0}, [], time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            x = data[i:i + batch_size].to(device)
-            guide_tr = poutine.trace(vae.guide).get_trace(x)
-            model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)
-            rec, log_p, log_q = (tr.nodes[k]["fn"].log_prob(tr.nodes[k]["value"])
-                                 for tr, k in ((model_tr, "x"), (model_tr, "z"), (guide_tr, "z")))
-            for k, v in {"rec": rec, "kl": log_q - log_p, "elbo": rec + log_p - log_q}.items():
-                sums[k] += float(v.sum())
-            nfe += [] if vae.flow is None else [vae.flow.nfe_forward]
-    vae.train()
-    out = {"test_rec": sums["rec"] / len(data), "test_kl": sums["kl"] / len(data),
-           "test_neg_elbo": -(sums["elbo"] / len(data)), "eval_seconds": time.perf_counter() - start}
-    return {**out, "eval_nfe_per_solve": sum(nfe) / len(nfe)} if nfe else out
-
-
-def flow_options(args) -> dict:
-    # --steps is used by a fixed-grid solver (rk4) and ignored by an adaptive one (dopri5)
-    return dict(hidden_dims=args.flow_hidden, trace=args.trace, solver=args.solver, steps=args.steps,
-                eval_solver="dopri5", T=args.T, kinetic=args.kinetic, jacobian=args.jacobian)
-
-
-def make_svi(args, flow_opts: Optional[dict]):
-    """A fresh VAE (seeded: the same initialisation for every prior), its optimizer and SVI."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    vae = VAE(args.latent_dim, args.hidden, flow_opts).to(args.device)
-    elbo, optim = Trace_ELBO(), pyro.optim.Adam({"lr": args.lr})
-
-    def rnode_loss(model, guide, x):  # RNODE: the ELBO plus the flow's penalty of the same step
-        return elbo.differentiable_loss(model, guide, x) + len(x) * regularization(vae)
-    regularized = flow_opts is not None and (flow_opts["kinetic"] > 0 or flow_opts["jacobian"] > 0)
-    return vae, optim, SVI(vae.model, vae.guide, optim, rnode_loss if regularized else elbo)
+# Options a resumed run may change (budget, file places, test-time sizes); all others must match.
+FREE = ("epochs", "prior", "data_dir", "test_subset", "eval_batch_size", "time_options")
 
 
 def train(prior: str, args, train_x: Tensor, test_x: Tensor) -> dict:
-    """Fit one VAE by SVI, checkpointing every epoch; evaluate it on the test set."""
+    """Fit one VAE by SVI (checkpoints: every epoch, every --checkpoint-minutes, on Ctrl-C);
+    evaluate it on the test set."""
     opts = flow_options(args) if prior == "ffjord" else None
     vae, optim, svi = make_svi(args, opts)
-    ckpt_path = Path(args.out) / f"checkpoint_{prior}.pt"
-    config = {"prior": prior, "latent_dim": args.latent_dim, "hidden": args.hidden, "subset": args.subset,
-              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, **(opts or {})}
-    history, epoch_seconds, train_nfe, start_epoch = [], [], [], 0
-    if args.resume and ckpt_path.exists():
-        ckpt = runs.load_checkpoint(ckpt_path, args.device)  # also restores the random state
-        if ckpt["config"] != config:
-            raise ValueError(f"{ckpt_path} was written with {ckpt['config']}, not {config}; "
-                             "use the same options or another --out")
+    config = dict(runs.run_config(args, free=FREE), prior=prior)
+    training = runs.Training(args, Path(args.out) / f"checkpoint_{prior}.pt", config, unit="step")
+    # where training stands: epochs done, batches done in the next one (and their loss sum)
+    run = dict(epoch=0, batch=0, total=0.0, clock=0.0, history=[], epoch_seconds=[], train_nfe=[])
+    ckpt = training.resume(missing_ok=True)  # also restores the random state; refuses other options
+    if ckpt is not None:
         vae.load_state_dict(ckpt["model"])
         optim.set_state(ckpt["optim"])
-        history, epoch_seconds, start_epoch = ckpt["history"], ckpt["epoch_seconds"], ckpt["epoch"]
-        print(f"[{prior}] resumed from {ckpt_path} after epoch {start_epoch}")
+        run.update((k, ckpt[k]) for k in run)
+        print(f"[{prior}] resumed from {training.path} after epoch {run['epoch']}, step {run['batch']}")
+
+    def checkpoint() -> dict:
+        return dict(run, model=vae.state_dict(), optim=optim.get_state())
 
     n, bs = len(train_x), args.batch_size
-    for epoch in range(start_epoch, args.epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        total, t0 = 0.0, time.perf_counter()
-        bar = tqdm(range(math.ceil(n / bs)), desc=f"{prior} epoch {epoch + 1}/{args.epochs}",
-                   disable=args.no_progress, leave=False)
-        for i in bar:
-            x = train_x[order[i * bs:(i + 1) * bs]].to(args.device)
-            step_loss = svi.step(x)
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"[{prior}] non-finite loss at epoch {epoch + 1}, step {i}")
-            total += step_loss
-            train_nfe += [] if vae.flow is None else [vae.flow.nfe_forward]
-            if i % 50 == 0:
-                bar.set_postfix(loss=f"{step_loss / len(x):.2f}")
-        epoch_seconds.append(time.perf_counter() - t0)
-        history.append(total / n)
-        print(f"[{prior}] epoch {epoch + 1}: train -ELBO {history[-1]:.2f} (Hutchinson/rk4 estimate "
-              f"for ffjord), {epoch_seconds[-1]:.1f} s", flush=True)
-        state = {"epoch": epoch + 1, "config": config, "model": vae.state_dict(), "optim": optim.get_state()}
-        runs.save_checkpoint(ckpt_path, dict(state, history=history, epoch_seconds=epoch_seconds), args.device)
+    per_epoch = math.ceil(n / bs)
+    with training.loop(run["epoch"] * per_epoch + run["batch"]):
+        while run["epoch"] < args.epochs:
+            epoch = run["epoch"]
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+            run["clock"] = training.elapsed() if run["batch"] == 0 else run["clock"]  # when the epoch began
+            bar = tqdm(range(run["batch"], per_epoch), initial=run["batch"], total=per_epoch,
+                       desc=f"{prior} epoch {epoch + 1}/{args.epochs}", disable=args.no_progress, leave=False)
+            for i in bar:
+                x = train_x[order[i * bs:(i + 1) * bs]].to(args.device)
+                step_loss = svi.step(x)
+                if not math.isfinite(step_loss):
+                    raise FloatingPointError(f"[{prior}] non-finite loss at epoch {epoch + 1}, step {i}")
+                run["total"] += step_loss
+                run["train_nfe"] += [] if vae.flow is None else [vae.flow.nfe_forward]
+                run["batch"] = i + 1
+                if i % 50 == 0:
+                    bar.set_postfix(loss=f"{step_loss / len(x):.2f}")
+                training.step(epoch * per_epoch + i + 1, checkpoint)  # by minutes, or Ctrl-C: save (and stop)
+            run["epoch_seconds"].append(training.elapsed() - run["clock"])
+            run["history"].append(run["total"] / n)
+            run.update(epoch=epoch + 1, batch=0, total=0.0)
+            print(f"[{prior}] epoch {epoch + 1}: train -ELBO {run['history'][-1]:.2f} (Hutchinson/rk4 estimate "
+                  f"for ffjord), {run['epoch_seconds'][-1]:.1f} s", flush=True)
+            training.step(run["epoch"] * per_epoch, checkpoint, due=True)
 
-    seconds = sum(epoch_seconds)
+    history, epoch_seconds, train_nfe = run["history"], run["epoch_seconds"], run["train_nfe"]
+    timing = training.summary()  # resumed, segments (steps from, to, seconds), train_seconds
     result = {"prior": prior, "params": sum(p.numel() for p in vae.parameters()),
               "prior_params": sum(p.numel() for p in vae.flow.parameters()) if opts else 0,
               "epochs": args.epochs, "train_neg_elbo_per_epoch": history, "epoch_seconds": epoch_seconds,
-              "seconds_per_epoch": seconds / max(1, len(epoch_seconds)), "train_seconds": seconds,
+              "seconds_per_epoch": sum(epoch_seconds) / max(1, len(epoch_seconds)), **timing,
               **({"train_nfe_per_solve": sum(train_nfe) / len(train_nfe)} if train_nfe else {})}
     torch.manual_seed(args.seed + 1)  # same test z noise for both priors
     result.update(evaluate(vae, test_x, args.eval_batch_size, args.device))
@@ -173,7 +111,7 @@ def train(prior: str, args, train_x: Tensor, test_x: Tensor) -> dict:
         check = evaluate(same, test_x, args.eval_batch_size, args.device)
         result["test_neg_elbo_training_solver"] = check["test_neg_elbo"]
     print(f"[{prior}] test -ELBO {result['test_neg_elbo']:.2f} nats/image (rec {-result['test_rec']:.2f}, KL "
-          f"{result['test_kl']:.2f}); {seconds / max(1, len(epoch_seconds)):.1f} s/epoch; "
+          f"{result['test_kl']:.2f}); {result['seconds_per_epoch']:.1f} s/epoch; "
           f"eval {result['eval_seconds']:.1f} s", flush=True)
     torch.manual_seed(args.seed + 2)
     with torch.no_grad():  # Bernoulli means of 64 decoded prior samples
@@ -196,7 +134,7 @@ def time_options(args, train_x: Tensor, warmup: int = 10, steps: int = 50) -> Li
     adaptive solver's NFE grows as the flow trains: its figure here is a lower bound)."""
     rows, bs, batches = [], args.batch_size, max(1, len(train_x) // args.batch_size)
     for name, over in TIMED_OPTIONS.items():
-        vae, _, svi = make_svi(args, None if over is None else {**flow_options(args), **over})
+        vae, _, svi = make_svi(args, None if over is None else flow_options(args, **over))
         nfe = []
         for i in range(warmup + steps):
             if i == warmup:
@@ -226,35 +164,41 @@ def plot_samples(samples: Dict[str, Tensor], titles: Dict[str, str], path: Path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    count, rate, weight = runs.positive_int, runs.positive_float, runs.nonnegative_float
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with the MNIST IDX files")
-    p.add_argument("--epochs", type=int, help="training epochs (20; quick: 1)")
-    p.add_argument("--subset", type=int, help="train on the first N of the 50k training images (quick: 200)")
-    p.add_argument("--test-subset", type=int, help="evaluate on the first N test images (quick: 200)")
-    p.add_argument("--latent-dim", type=int, help="dimension of z (16; quick: 4)")
-    p.add_argument("--hidden", type=int, nargs="+", help="encoder widths, decoder reversed (512 256; quick: 64)")
+    p.add_argument("--epochs", type=runs.nonnegative_int, help="training epochs (20; quick: 1)")
+    p.add_argument("--subset", type=count, help="train on the first N of the 50k training images (quick: 200)")
+    p.add_argument("--test-subset", type=count, help="evaluate on the first N test images (quick: 200)")
+    p.add_argument("--latent-dim", type=count, help="dimension of z (16; quick: 4)")
+    p.add_argument("--hidden", type=count, nargs="+", help="encoder widths, decoder reversed (512 256; quick: 64)")
     p.add_argument("--prior", choices=["normal", "ffjord", "both"], default="both")
-    p.add_argument("--batch-size", type=int, help="(100; quick: 50)")
-    p.add_argument("--eval-batch-size", type=int, help="(1000; quick: 200)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--flow-hidden", type=int, nargs="+", help="FFJORD field widths (64 64 64; quick: 16 16)")
+    p.add_argument("--batch-size", type=count, help="(100; quick: 50)")
+    p.add_argument("--eval-batch-size", type=count, help="(1000; quick: 200)")
+    p.add_argument("--lr", type=rate, default=1e-3)
+    p.add_argument("--flow-hidden", type=count, nargs="+", help="FFJORD field widths (64 64 64; quick: 16 16)")
     p.add_argument("--trace", choices=["hutchinson", "exact"], default="hutchinson", help="in training")
     p.add_argument("--solver", default="rk4", help="training solver (rk4: fixed steps; dopri5: adaptive)")
-    p.add_argument("--steps", type=int, default=3, help="fixed steps over [0, T] (ignored by dopri5)")
-    p.add_argument("--T", type=float, default=0.5, help="the flow's end time")
-    p.add_argument("--kinetic", type=float, default=0.0, help="RNODE kinetic-energy weight")
-    p.add_argument("--jacobian", type=float, default=0.0, help="RNODE Jacobian-norm weight")
-    p.add_argument("--binarize-seed", type=int, default=0, help="seed of the static binarization")
+    p.add_argument("--steps", type=count, default=3, help="fixed steps over [0, T] (ignored by dopri5)")
+    p.add_argument("--T", type=rate, default=0.5, help="the flow's end time")
+    p.add_argument("--kinetic", type=weight, default=0.0, help="RNODE kinetic-energy weight")
+    p.add_argument("--jacobian", type=weight, default=0.0, help="RNODE Jacobian-norm weight")
+    p.add_argument("--binarize-seed", type=runs.nonnegative_int, default=0, help="seed of the static binarization")
     p.add_argument("--time-options", action="store_true", help="only time SVI steps (writes time_options.json)")
-    runs.add_run_args(p, out="out/flow_prior", resume=True)
-    p.set_defaults(threads=1)  # the documented runs use one torch thread
-    return p.parse_args(argv)
+    # one thread: MLPs of 512 and 256 units and a 64-wide field in 16-D (the documented runs too)
+    runs.add_run_args(p, out="out/flow_prior", resume=True, threads=1,
+                      threads_note="MLPs and a 64-wide field at batch 100 are too small for more")
+    return runs.parse(p, argv)
 
 
 def main(args) -> dict:
     runs.fill_defaults(args, FULL, QUICK)
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    priors = ["normal", "ffjord"] if args.prior == "both" else [args.prior]
+    if args.resume and not args.time_options and not any(
+            (Path(args.out) / f"checkpoint_{p}.pt").exists() for p in priors):
+        raise runs.MissingCheckpoint(f"--resume: no checkpoint_<prior>.pt in {args.out}; run once without --resume")
     out = runs.start(args)
     t_load = time.perf_counter()
     data = mnist.load(args.data_dir, binarization="static", seed=args.binarize_seed)
@@ -267,11 +211,11 @@ def main(args) -> dict:
         return runs.write_results(args, "flow_prior", {"mode": "time_options", "rows": rows}, "time_options.json")
 
     results, samples = [], {}
-    for prior in ["normal", "ffjord"] if args.prior == "both" else [args.prior]:
+    for prior in priors:
         results.append(train(prior, args, train_x, test_x))
         samples[prior] = results[-1].pop("_samples")
     titles = {r["prior"]: f"{r['prior']} prior: test -ELBO {r['test_neg_elbo']:.2f}\n"
-                          f"{args.epochs} epochs, {len(train_x)} images" for r in results}
+                          f"{args.epochs} epochs, {len(train_x)} images, {runs.describe_training(r)}" for r in results}
     plot_samples(samples, titles, out / "flow_prior_samples.png")
     subset = f"first {len(train_x)}" if args.subset else "full 50k training split"
     payload = {"machine": {**runs.machine_info(args.device), "load_average_at_start": load_at_start},
@@ -290,4 +234,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runs.cli(main, parse_args)

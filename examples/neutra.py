@@ -19,7 +19,7 @@ NeuTra NUTS then draw as many samples after as much warmup; ESS per second and t
 Run::
 
     python examples/neutra.py            # about 10 minutes on one CPU thread
-    python examples/neutra.py --quick    # seconds, for tests
+    python examples/neutra.py --quick    # seconds, for tests (out/neutra-quick)
 """
 
 from __future__ import annotations
@@ -185,27 +185,31 @@ def plot(panels, path: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=f"defaults: {FULL}; with --quick: {QUICK}")
-    p.add_argument("--steps", "--guide-steps", dest="guide_steps", type=int, help="SVI steps for the guide")
-    p.add_argument("--dim", type=int, default=10, help="funnel dimension (v plus dim-1 x's)")
-    p.add_argument("--particles", type=int, help="ELBO particles (vectorized)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--lr-decay", type=float, default=0.1, help="lr factor reached at the end")
-    p.add_argument("--hidden-dims", type=int, nargs="+")
+    count, rate = runs.positive_int, runs.positive_float
+    p.add_argument("--steps", "--guide-steps", dest="guide_steps", type=count, help="SVI steps for the guide")
+    p.add_argument("--dim", type=runs.int_at_least(2), default=10, help="funnel dimension (v plus dim-1 x's)")
+    p.add_argument("--particles", type=count, help="ELBO particles (vectorized)")
+    p.add_argument("--lr", type=rate, default=3e-3)
+    p.add_argument("--lr-decay", type=rate, default=0.1, help="lr factor reached at the end")
+    p.add_argument("--hidden-dims", type=count, nargs="+")
     p.add_argument("--activation", default="swish", help="vector field activation")
-    p.add_argument("--end-time", type=float, default=1.0, help="the flow's end time T")
+    p.add_argument("--end-time", type=rate, default=1.0, help="the flow's end time T")
     p.add_argument("--hmc-solver", default="rk4", choices=["rk4", "dopri5"], help="the eval_solver, in HMC")
-    p.add_argument("--solver-steps", type=int, help="rk4 steps over [0, T] (default: the fast preset's 3)")
+    p.add_argument("--solver-steps", type=count, help="rk4 steps over [0, T] (default: the fast preset's 3)")
     for name in ("--num-samples", "--warmup", "--max-tree-depth"):  # NUTS's, the same for both runs
-        p.add_argument(name, type=int)
-    p.add_argument("--target-accept", type=float, default=0.8)
-    runs.add_run_args(p, out="out/neutra")
-    p.set_defaults(threads=1)  # the docs' times are measured on one thread
-    return p.parse_args(argv)
+        p.add_argument(name, type=runs.nonnegative_int if name == "--warmup" else count)
+    p.add_argument("--target-accept", type=runs.unit_interval, default=0.8)
+    # one thread: a 10-D funnel, and NUTS is sequential (the docs' times too)
+    runs.add_run_args(p, out="out/neutra", threads=1, threads_note="a 10-D funnel and sequential NUTS")
+    args = runs.parse(p, argv)
+    if args.device != "cpu":  # refused before any folder is made
+        p.error("argument --device: this example runs on the CPU (NUTS is sequential and the solves are tiny)")
+    return args
 
 
 def main(args) -> dict:
     if args.device != "cpu":
-        raise ValueError("this example runs on the CPU (NUTS is sequential and the solves are tiny)")
+        raise runs.RunError("this example runs on the CPU (NUTS is sequential and the solves are tiny)")
     runs.fill_defaults(args, full=FULL, quick=QUICK)
     runs.start(args)
     model = Funnel(args.dim)
@@ -247,4 +251,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runs.cli(main, parse_args)

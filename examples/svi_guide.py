@@ -16,7 +16,7 @@ Run::
 
     python examples/svi_guide.py --target all      # about 20 minutes on one CPU thread
     python examples/svi_guide.py --target funnel --sweep   # adds FFJORD variants as rows
-    python examples/svi_guide.py --target all --quick   # seconds, for tests
+    python examples/svi_guide.py --target all --quick   # seconds, for tests (out/svi_guide-quick)
 """
 
 from __future__ import annotations
@@ -224,18 +224,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=f"defaults: {FULL}; with --quick: {QUICK}")
     p.add_argument("--target", default="all", choices=TARGETS + ("all",))
-    p.add_argument("--steps", type=int, help=f"SVI steps of every guide (default {DEFAULT_STEPS}; quick 30)")
+    count = runs.positive_int
+    p.add_argument("--steps", type=count, help=f"SVI steps of every guide (default {DEFAULT_STEPS}; quick 30)")
     p.add_argument("--guides", nargs="+", default=list(GUIDES), choices=list(GUIDES),
                    help="which guides to fit: " + ", ".join(f"{k} ({v})" for k, v in GUIDES.items()))
     p.add_argument("--sweep", action="store_true", help="also fit the FFJORD variants of SWEEP")
-    p.add_argument("--zuko-passes", type=int, help="zuko NSF passes (default autoregressive; 2: coupling)")
-    p.add_argument("--lr", type=float, default=3e-3, help="initial learning rate (decayed to a tenth)")
+    p.add_argument("--zuko-passes", type=count, help="zuko NSF passes (default autoregressive; 2: coupling)")
+    p.add_argument("--lr", type=runs.positive_float, default=3e-3, help="initial learning rate (decayed to a tenth)")
     for name in ("particles", "eval-particles", "plot-samples", "nuts-samples", "nuts-warmup",
                  "nuts-tree-depth"):  # defaults: FULL and QUICK (in --help)
-        p.add_argument(f"--{name}", type=int)
-    runs.add_run_args(p, out="out/svi_guide")
-    p.set_defaults(threads=1)  # the docs' times (and their ratios) are measured on one thread
-    return p.parse_args(argv)
+        p.add_argument(f"--{name}", type=runs.nonnegative_int if name == "nuts-warmup" else count)
+    # one thread: guides of 2-31 numbers with 128-wide fields (the docs' times and ratios too)
+    runs.add_run_args(p, out="out/svi_guide", threads=1, threads_note="2- to 31-D guides are too small for more")
+    return runs.parse(p, argv)
 
 
 def main(args) -> dict:
@@ -247,4 +248,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runs.cli(main, parse_args)

@@ -20,13 +20,17 @@ through few fixed steps can learn to exploit the discretisation: the RNODE weigh
 Outputs in ``--out`` (default ``out/toy_density``): ``density.png`` (data, model density on a
 grid, model samples on :math:`[-4, 4]^2`), ``trajectory.png`` (base samples pushed through the
 flow, :math:`t \in [0, T]`), ``results.json`` and ``checkpoint.pt`` (model, optimizer, losses,
-torch and numpy random states). ``--resume`` continues from it and gives the same parameters
-as an uninterrupted run with the same seed (same thread count). Run::
+torch and numpy random states, the run's options and the time of each training segment),
+written every ``--checkpoint-every`` iterations, every ``--checkpoint-minutes`` and on Ctrl-C
+(which then exits). ``--resume`` continues from it and gives the same parameters as an
+uninterrupted run with the same seed (same thread count); it refuses a checkpoint written with
+other options (``--lr``, ``--seed``, ``--data``, the flow's...), as a changed learning rate or
+seed would make the results describe a run that never happened. Run::
 
     python examples/toy_density.py                       # about 2 minutes on one CPU core
-    python examples/toy_density.py --data 8gaussians --iters 4000
+    python examples/toy_density.py --data 8gaussians --iters 4000 --out out/8gaussians
     python examples/toy_density.py --iters 6000 --resume # train 2000 more iterations
-    python examples/toy_density.py --quick               # seconds, for tests
+    python examples/toy_density.py --quick               # seconds, for tests (out/toy_density-quick)
 """
 
 import argparse
@@ -50,6 +54,7 @@ from pyro_ffjord.datasets import toy  # noqa: E402
 LIMIT = 4.0  # pictures show [-LIMIT, LIMIT]^2
 TEST_SEED = 2**31 - 1  # held-out points: the same for every --seed
 PICTURE_SEED = 2**31 - 2  # base samples of the pictures (drawn without touching the training RNG)
+FREE = ("iters", "test_points", "grid", "picture_samples", "trajectory_points", "trajectory_panels", "eval_chunk")
 FULL = dict(iters=3000, test_points=2000, grid=100, picture_samples=20000, trajectory_points=2000)
 QUICK = dict(iters=20, test_points=200, grid=24, picture_samples=400, trajectory_points=200)
 
@@ -128,7 +133,7 @@ def make_pictures(args, flow: FFJORD, density, title: str) -> float:
 def main(args) -> dict:
     runs.fill_defaults(args, full=FULL, quick=QUICK)
     out = runs.start(args)
-    ckpt_path, start_wall, device = out / "checkpoint.pt", time.perf_counter(), torch.device(args.device)
+    start_wall, device = time.perf_counter(), torch.device(args.device)
 
     pyro.set_rng_seed(args.seed)  # initialisation (and Hutchinson probes, if used)
     flow = FFJORD(2, hidden_dims=args.hidden, activation=args.activation, zero_init=args.zero_init, T=args.T,
@@ -140,58 +145,55 @@ def main(args) -> dict:
     rng = np.random.default_rng(args.seed)  # training batches
     test = toy.sample(args.data, args.test_points, seed=TEST_SEED).to(device)
 
-    state = {"iteration": 0, "losses": [], "nfe_forward": [], "train_seconds": 0.0, "data": args.data}
-    if args.resume:  # restores the torch and numpy random states too
-        ck = runs.load_checkpoint(ckpt_path, device, numpy_rng=rng)
-        if ck["data"] != args.data:
-            raise ValueError(f"the checkpoint was trained on {ck['data']!r}, not {args.data!r}")
-        flow.load_state_dict(ck.pop("model"))
-        optimizer.load_state_dict(ck.pop("optimizer"))
+    # Checkpoints by iterations, minutes and Ctrl-C; --resume refuses one written with other options.
+    training = runs.Training(args, out / "checkpoint.pt", runs.run_config(args, free=FREE), numpy_rng=rng)
+    state = {"iteration": 0, "losses": [], "nfe_forward": []}
+    ck = training.resume()  # restores the torch and numpy random states too
+    if ck is not None:
+        flow.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
         state.update({k: ck[k] for k in (*state, "test_nll_initial")})
     else:
         state["test_nll_initial"] = test_nll(flow, density, test, args.eval_chunk)["nll"]
     start, losses, nfes = state["iteration"], state["losses"], state["nfe_forward"]
 
-    def save(done):
-        state["iteration"] = done
-        runs.save_checkpoint(ckpt_path, {**state, "model": flow.state_dict(),
-                                         "optimizer": optimizer.state_dict()}, device, numpy_rng=rng)
+    def checkpoint() -> dict:
+        return {**state, "model": flow.state_dict(), "optimizer": optimizer.state_dict()}
 
     flow.train()
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc=args.data,
                disable=args.no_progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    for it in bar:
-        batch = toy.sample(args.data, args.batch_size, seed=rng).to(device)
-        loss = -density.log_prob(batch).mean()
-        total = loss if flow.regularization is None else loss + flow.regularization
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        nfes.append(flow.nfe_forward)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", nfe=nfes[-1], refresh=False)
-        done = it + 1
-        if done == args.iters or (args.checkpoint_every and done % args.checkpoint_every == 0):
-            state["train_seconds"] += time.perf_counter() - t0
-            save(done)
-            t0 = time.perf_counter()  # checkpoint writing is not training time
+    with training.loop(start):
+        for it in bar:
+            batch = toy.sample(args.data, args.batch_size, seed=rng).to(device)
+            loss = -density.log_prob(batch).mean()
+            total = loss if flow.regularization is None else loss + flow.regularization
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            nfes.append(flow.nfe_forward)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", nfe=nfes[-1], refresh=False)
+            state["iteration"] = done = it + 1
+            every = args.checkpoint_every and done % args.checkpoint_every == 0
+            training.step(done, checkpoint, due=done == args.iters or every)
+        if start >= args.iters and not training.path.exists():  # --iters 0: still leave a checkpoint
+            training.save(start, checkpoint)
     bar.close()
-    if start >= args.iters and not ckpt_path.exists():  # --iters 0: still leave a checkpoint
-        save(start)
 
     t_eval = time.perf_counter()
     res = test_nll(flow, density, test, args.eval_chunk)
     eval_seconds = time.perf_counter() - t_eval
     res_train = test_nll(flow, density, test, args.eval_chunk, mode="train")
-    iterations, train_seconds, tail = max(start, args.iters), state["train_seconds"], losses[-100:]
-    title = f"FFJORD, {iterations} iterations, {train_seconds:.0f} s, test NLL {res['nll']:.3f} nats"
+    timing = training.summary()  # resumed, segments, train_seconds (all segments)
+    iterations, train_seconds, tail = max(start, args.iters), timing["train_seconds"], losses[-100:]
+    title = f"FFJORD, {iterations} iterations, {training.describe()}, test NLL {res['nll']:.3f} nats"
     picture_seconds = make_pictures(args, flow, density, title)
     flow_options = dict(vars(flow.config), hidden_dims=list(args.hidden), activation=args.activation,
                         time_embedding="concatsquash", zero_init=args.zero_init)
     results = {
-        "data": args.data, "iterations": iterations, "resumed_from": start if args.resume else None,
-        "train_seconds": train_seconds, "seconds_per_iteration": train_seconds / len(losses) if losses else None,
+        "data": args.data, "iterations": iterations, "resumed_from": start if training.resumed else None,
+        **timing, "seconds_per_iteration": train_seconds / len(losses) if losses else None,
         "eval_seconds": eval_seconds, "picture_seconds": picture_seconds,
         "wall_seconds": time.perf_counter() - start_wall, "test_nll": res["nll"], "test_nll_se": res["se"],
         "test_nll_initial": state["test_nll_initial"], "test_nll_training_solver": res_train["nll"],
@@ -208,7 +210,7 @@ def main(args) -> dict:
     }
     results = runs.write_results(args, "toy_density", results, filename="results.json")
     if not args.no_progress:
-        print(f"{args.data}: {iterations} iterations in {train_seconds:.1f} s "
+        print(f"{args.data}: {iterations} iterations in {training.describe()} "
               f"({results['nfe_forward_mean'] or 0:.1f} NFE/iteration), test NLL {res['nll']:.3f} "
               f"± {res['se']:.3f} nats (untrained {state['test_nll_initial']:.3f}); pictures in {args.out}")
     return results
@@ -218,33 +220,37 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", choices=toy.NAMES, default="pinwheel")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default 3000; --quick 20)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam (5e-3 and 2e-3 diverged)")
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--checkpoint-every", type=int, default=500, help="iterations (0: at the end only)")
-    runs.add_run_args(p, out=os.path.join("out", "toy_density"), resume=True)
+    count, whole, rate, weight = runs.positive_int, runs.nonnegative_int, runs.positive_float, runs.nonnegative_float
+    p.add_argument("--iters", type=whole, default=None, help="training iterations (default 3000; --quick 20)")
+    p.add_argument("--batch-size", type=count, default=256)
+    p.add_argument("--lr", type=rate, default=1e-3, help="Adam (5e-3 and 2e-3 diverged)")
+    p.add_argument("--weight-decay", type=weight, default=1e-5)
+    p.add_argument("--checkpoint-every", type=whole, default=500, help="iterations (0: at the end only)")
+    # one thread: a 64-wide field at D = 2 is far too small to share among threads (a second one
+    # only adds synchronisation, and on a busy machine waits for a core)
+    runs.add_run_args(p, out=os.path.join("out", "toy_density"), resume=True, threads=1,
+                      threads_note="64-wide nets at D = 2 are too small for more")
     f = p.add_argument_group("flow")
-    f.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64], help="hidden widths of f")
+    f.add_argument("--hidden", type=count, nargs="+", default=[64, 64, 64], help="hidden widths of f")
     f.add_argument("--activation", default="tanh")
     f.add_argument("--zero-init", action="store_true", help="start as the identity map")
-    f.add_argument("--T", type=float, default=0.5, help="end time")
+    f.add_argument("--T", type=rate, default=0.5, help="end time")
     f.add_argument("--trace", choices=("exact", "hutchinson"), default="exact", help="in training")
     f.add_argument("--solver", default="rk4", help="training solver (torchdiffeq method)")
-    f.add_argument("--steps", type=int, default=3, help="steps of a fixed-grid training solver")
-    f.add_argument("--tol", type=float, default=1e-5, help="atol = rtol of dopri5 (evaluation)")
+    f.add_argument("--steps", type=count, default=3, help="steps of a fixed-grid training solver")
+    f.add_argument("--tol", type=rate, default=1e-5, help="atol = rtol of dopri5 (evaluation)")
     f.add_argument("--adjoint", action="store_true", help="adjoint gradients (less memory, slower)")
-    f.add_argument("--kinetic", type=float, default=0.05, help="RNODE kinetic-energy weight")
-    f.add_argument("--jacobian", type=float, default=0.05, help="RNODE Jacobian-norm weight")
+    f.add_argument("--kinetic", type=weight, default=0.05, help="RNODE kinetic-energy weight")
+    f.add_argument("--jacobian", type=weight, default=0.05, help="RNODE Jacobian-norm weight")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--test-points", type=int, default=None, help="held-out points (default 2000)")
-    e.add_argument("--grid", type=int, default=None, help="density grid side (default 100)")
-    e.add_argument("--picture-samples", type=int, default=None, help="data and model samples (20000)")
-    e.add_argument("--trajectory-points", type=int, default=None, help="default 2000")
-    e.add_argument("--trajectory-panels", type=int, default=6)
-    e.add_argument("--eval-chunk", type=int, default=2500, help="points per evaluation solve")
-    return p.parse_args(argv)
+    e.add_argument("--test-points", type=count, default=None, help="held-out points (default 2000)")
+    e.add_argument("--grid", type=count, default=None, help="density grid side (default 100)")
+    e.add_argument("--picture-samples", type=count, default=None, help="data and model samples (20000)")
+    e.add_argument("--trajectory-points", type=count, default=None, help="default 2000")
+    e.add_argument("--trajectory-panels", type=count, default=6)
+    e.add_argument("--eval-chunk", type=count, default=2500, help="points per evaluation solve")
+    return runs.parse(p, argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runs.cli(main, parse_args)

@@ -10,6 +10,13 @@ from typing import NamedTuple, Optional
 import torch
 
 DATASETS = ("mnist", "omniglot", "freyfaces", "caltech")
+# Folder of each data set under the default data root (../shared/data beside the checkout).
+FOLDERS = {"mnist": "mnist", "omniglot": "omniglot", "freyfaces": "freyfaces", "caltech": "caltech101_silhouettes"}
+
+
+def default_data_dir(dataset: str) -> str:
+    """Where ``--data-dir`` points unless given: ``<checkout>/../shared/data/<folder>``."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", FOLDERS[dataset])
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from pyro.distributions.transforms import (
 from torch import nn
 from torch.distributions import Transform, constraints
 
-from pyro_ffjord import ConditionalFFJORD
+from pyro_ffjord import ConditionalFFJORD, runs
+from pyro_ffjord.config import is_adaptive
 
 FLOWS = ("none", "planar", "iaf", "sylvester", "householder", "ffjord")
 
@@ -117,27 +118,28 @@ class ConditionalSylvester(ConditionalTransformModule):
 def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--flow`` and the options that size each kind of flow (``None``: a default that
     ``examples/vae.py`` fills in, for a full run or ``--quick``)."""
+    count, rate, weight = runs.positive_int, runs.positive_float, runs.nonnegative_float
     g = parser.add_argument_group("posterior flows")
     g.add_argument("--flow", choices=FLOWS, default="ffjord")
-    g.add_argument("--num-flows", type=int, help="planar / iaf / sylvester flows in sequence (default 4)")
-    g.add_argument("--hypernet-hidden", type=int, nargs="+",
+    g.add_argument("--num-flows", type=count, help="planar / iaf / sylvester flows in sequence (default 4)")
+    g.add_argument("--hypernet-hidden", type=count, nargs="+",
                    help="hidden widths of Pyro's DenseNN hypernets (planar, householder; default 256)")
-    g.add_argument("--iaf-hidden", type=int, help="hidden width of each IAF's conditional MADE (default 640)")
-    g.add_argument("--num-householder", type=int, help="reflections per Sylvester flow (default 8)")
+    g.add_argument("--iaf-hidden", type=count, help="hidden width of each IAF's conditional MADE (default 640)")
+    g.add_argument("--num-householder", type=count, help="reflections per Sylvester flow (default 8)")
     g.add_argument("--ffjord-config", choices=("paper", "lean"), default="lean")
-    g.add_argument("--ffjord-rank", type=int)
-    g.add_argument("--ffjord-hidden-dims", type=int, nargs="+")
-    g.add_argument("--ffjord-blocks", type=int)
+    g.add_argument("--ffjord-rank", type=count)
+    g.add_argument("--ffjord-hidden-dims", type=count, nargs="+")
+    g.add_argument("--ffjord-blocks", type=count)
     g.add_argument("--ffjord-activation")
     g.add_argument("--ffjord-conditioning", choices=("concat", "lowrank", "bias"))
     g.add_argument("--ffjord-solver", help="training solver (paper: dopri5; lean: rk4)")
-    g.add_argument("--ffjord-steps", type=int,
+    g.add_argument("--ffjord-steps", type=count,
                    help="steps of a fixed-grid training solver (lean: 4); adaptive solvers ignore it")
-    g.add_argument("--ffjord-tol", type=float, help="atol = rtol of dopri5 (default 1e-5)")
-    g.add_argument("--ffjord-T", type=float, default=0.5)
+    g.add_argument("--ffjord-tol", type=rate, help="atol = rtol of dopri5 (default 1e-5)")
+    g.add_argument("--ffjord-T", type=rate, default=0.5)
     g.add_argument("--adjoint", action="store_true", help="adjoint gradients (the reference code's)")
-    g.add_argument("--kinetic", type=float, default=0.0, help="RNODE kinetic-energy weight")
-    g.add_argument("--jacobian", type=float, default=0.0, help="RNODE Jacobian-norm weight")
+    g.add_argument("--kinetic", type=weight, default=0.0, help="RNODE kinetic-energy weight")
+    g.add_argument("--jacobian", type=weight, default=0.0, help="RNODE Jacobian-norm weight")
     return parser
 
 
@@ -156,6 +158,8 @@ def ffjord_settings(args) -> dict:
         trace="hutchinson", noise="rademacher", eval_trace="exact", eval_solver="dopri5",
         adjoint=args.adjoint, kinetic=args.kinetic, jacobian=args.jacobian,
     )
+    if is_adaptive(cfg["solver"]):  # the library refuses steps that no solver would use
+        cfg["steps"] = None
     return cfg
 
 
@@ -178,7 +182,7 @@ def build_flows(args, latent_dim: int, context_dim: int = 256) -> nn.ModuleList:
         return nn.ModuleList([conditional_householder(latent_dim, context_dim, hyper, count_transforms=count)])
     if flow == "ffjord":
         cfg = ffjord_settings(args)
-        blocks = cfg.pop("blocks")  # steps: used by fixed-grid solvers, ignored by adaptive ones
+        blocks = cfg.pop("blocks")
         return nn.ModuleList(ConditionalFFJORD(latent_dim, context_dim, **cfg) for _ in range(blocks))
     raise ValueError(f"unknown flow {flow!r}; choose one of {FLOWS}")
 

@@ -1,6 +1,6 @@
 """Networks of ``examples/vae.py``: the Sylvester-flows gated convolutional encoder and
 decoder, and the VAE (model and guide) whose posterior is a diagonal Gaussian pushed through
-flows amortized on the encoder's output (``vae_flows.build_flows``)."""
+flows amortized on the encoder's output (``vae_flows.build_flows``); one epoch of training."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
+
+from pyro_ffjord import regularization
+from vae_eval import batches
 
 H_DIM = 256  # encoder output h, the context of every amortized flow
 
@@ -164,3 +168,25 @@ class VAE(nn.Module):
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
+
+def train_epoch(vae, optimizer, elbo, train, beta, args, shuffle, binarize, dynamic, desc, part, safe_point) -> list:
+    """One pass over ``train`` in shuffled minibatches, from batch ``part["batch"]`` on (0, or where
+    an interrupted epoch stopped); the per-step losses (-ELBO per image), kept in ``part``."""
+    vae.train()
+    order = list(batches(len(train), args.batch_size, shuffle))
+    bar = tqdm(range(part["batch"], len(order)), initial=part["batch"], total=len(order), desc=desc,
+               disable=args.no_progress, leave=False)
+    for k in bar:
+        x = train[order[k]]
+        if dynamic:  # a grey-level training set is re-binarized every batch
+            x = torch.bernoulli(x, generator=binarize)
+        x = x.to(args.device)
+        loss = elbo.differentiable_loss(vae.model, vae.guide, x, beta) / x.shape[0]
+        total = loss + regularization(vae.flows).to(loss.device)  # RNODE penalties, if any
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        part["losses"].append(loss.detach().item())
+        bar.set_postfix(loss=f"{part['losses'][-1]:.2f}")
+        safe_point(k + 1)  # may write a checkpoint (by minutes, Ctrl-C) and then stop
+    return part["losses"]

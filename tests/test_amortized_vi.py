@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import amortized_vi as av
@@ -55,3 +56,20 @@ def test_concat_guide_kl_falls_below_bound(tmp_path):
     (result,) = av.main(args)["results"]
     assert result["curve"][0]["kl"] > 2.0
     assert result["final_kl"] < 0.25, result["final_kl"]
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--dim", "1"], ["--obs-dim", "0"], ["--sigma", "0"],
+                                  ["--n-train", "0"], ["--n-eval", "0"], ["--eval-samples", "0"], ["--evals", "0"],
+                                  ["--batch-size", "0"], ["--lr", "inf"], ["--context-dim", "0"],
+                                  ["--hidden-dims", "32", "0"], ["--rank", "0"], ["--device", "cuda:7"]])
+def test_bad_values_are_usage_errors(argv, capsys):
+    if argv[0] == "--device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(SystemExit) as exit:
+        av.parse_args(argv)
+    assert exit.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_defaults_one_thread_and_a_quick_folder():
+    assert av.parse_args([]).threads == 1
+    assert av.parse_args(["--quick"]).out == "out/amortized_vi-quick"

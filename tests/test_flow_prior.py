@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pyro.distributions as dist
 from pyro.infer import SVI, Trace_ELBO
 
 import flow_prior as fp
-from pyro_ffjord import FFJORD
+from pyro_ffjord import FFJORD, runs
 
 MNIST = Path(__file__).parents[2] / "shared/data/mnist"
 STEPS, LR = 300, 1e-2
@@ -44,7 +45,7 @@ def test_example_quick_writes_json_png_and_resumes(tmp_path):
     # --resume picks up the checkpoints (torch.load(weights_only=True)) and re-evaluates them
     again = fp.main(fp.parse_args(argv + ["--resume", "--prior", "ffjord"]))
     assert again["results"][0]["test_neg_elbo"] == pytest.approx(flow["test_neg_elbo"], abs=1e-4)
-    with pytest.raises(ValueError, match="written with"):
+    with pytest.raises(runs.RunError, match=r"written with other options \(--lr 0\.001 -> 0\.5\)"):
         fp.main(fp.parse_args(argv + ["--resume", "--prior", "ffjord", "--lr", "0.5"]))
     # one epoch, then --resume to two: the same numbers as two epochs in one go (the checkpoint
     # restores the model, Adam's state and the random state); an explicit --epochs beats --quick's
@@ -61,6 +62,67 @@ def test_example_quick_writes_json_png_and_resumes(tmp_path):
     assert all(r["ms_per_step"] > 0 for r in timed["rows"])
     assert [r["nfe_per_solve"] for r in timed["rows"][:3]] == [0.0, 12.0, 12.0]  # none, then 3 rk4 steps
     assert (tmp_path / "time_options.json").exists()
+
+
+@pytest.fixture
+def ctrl_c_must_be_handled():
+    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
+    def unhandled(signum, frame):
+        raise AssertionError("Ctrl-C reached code that does not handle it")
+
+    previous = signal.signal(signal.SIGINT, unhandled)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"{MNIST} absent")
+def test_ctrl_c_mid_epoch_then_resume_equals_a_straight_run(tmp_path, monkeypatch, capsys,
+                                                            ctrl_c_must_be_handled):
+    argv = ["--quick", "--data-dir", str(MNIST), "--no-progress", "--prior", "ffjord", "--epochs", "2",
+            "--test-subset", "50", "--subset", "100"]  # 2 SVI steps per epoch
+    straight = fp.main(fp.parse_args(argv + ["--out", str(tmp_path / "a")]))["results"][0]
+    step, calls = pyro.infer.SVI.step, []
+
+    def interrupting(self, *args, **kwargs):  # Ctrl-C during the 3rd SVI step (epoch 2, step 1)
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(pyro.infer.SVI, "step", interrupting)
+    with pytest.raises(SystemExit) as exit:
+        fp.main(fp.parse_args(argv + ["--out", str(tmp_path / "b")]))
+    assert exit.value.code == 130 and "checkpoint at step 3 written" in capsys.readouterr().err
+    ck = torch.load(tmp_path / "b" / "checkpoint_ffjord.pt", weights_only=True)
+    assert (ck["epoch"], ck["batch"]) == (1, 1)  # mid-epoch
+    monkeypatch.undo()
+    titles = {}
+    monkeypatch.setattr(fp, "plot_samples", lambda samples, given, path: titles.update(given))
+    resumed = fp.main(fp.parse_args(argv + ["--out", str(tmp_path / "b"), "--resume"]))["results"][0]
+    assert "(resumed: " in titles["ffjord"]  # the picture says so, with each segment's seconds
+    assert resumed["train_neg_elbo_per_epoch"] == straight["train_neg_elbo_per_epoch"]
+    assert resumed["test_neg_elbo"] == straight["test_neg_elbo"]
+    assert resumed["train_nfe_per_solve"] == straight["train_nfe_per_solve"] == 12
+    assert resumed["resumed"] and not straight["resumed"]
+    assert [(g["start"], g["end"]) for g in resumed["segments"]] == [(0, 3), (3, 4)]
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fp.main(fp.parse_args(argv + ["--out", str(tmp_path / "c"), "--resume"]))
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "-1"], ["--subset", "0"], ["--latent-dim", "0"], ["--hidden", "0"],
+                                  ["--batch-size", "0"], ["--lr", "0"], ["--flow-hidden", "0"], ["--steps", "0"],
+                                  ["--T", "0"], ["--kinetic", "-1"], ["--eval-batch-size", "0"], ["--device", "cuda:9"]])
+def test_bad_values_are_usage_errors(argv, capsys):
+    if argv[0] == "--device" and torch.cuda.device_count() > 9:
+        pytest.skip("ten GPUs")
+    with pytest.raises(SystemExit) as exit:
+        fp.parse_args(argv)
+    assert exit.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_defaults_one_thread_and_a_quick_folder():
+    assert fp.parse_args([]).threads == 1
+    assert fp.parse_args(["--quick"]).out == "out/flow_prior-quick"
 
 
 MEAN = torch.tensor([1.0, -0.5])

@@ -32,7 +32,7 @@ def test_quick_run(tmp_path):
 
 @pytest.mark.parametrize("argv, steps", [([], 3), (["--solver-steps", "5"], 5)])
 def test_solver_steps_are_the_rk4_steps_of_training_and_of_hmc(argv, steps):
-    args = neutra.parse_args(["--quick", "--steps", "0", "--no-progress"] + argv)
+    args = neutra.parse_args(["--quick", "--steps", "1", "--no-progress"] + argv)
     runs.fill_defaults(args, full=neutra.FULL, quick=neutra.QUICK)
     guide, _, _ = neutra.train_guide(neutra.Funnel(args.dim), args)
     guide()  # sets the guide up: one training-mode solve
@@ -41,3 +41,24 @@ def test_solver_steps_are_the_rk4_steps_of_training_and_of_hmc(argv, steps):
     guide.eval()
     guide.get_posterior().sample((3,))
     assert flow.nfe_forward == 4 * steps  # HMC's map: the same fixed steps
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--dim", "1"], ["--lr", "0"], ["--particles", "0"],
+                                  ["--end-time", "0"], ["--solver-steps", "0"], ["--num-samples", "0"],
+                                  ["--target-accept", "1.5"], ["--warmup", "-1"], ["--hidden-dims", "0"]])
+def test_bad_numbers_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        neutra.parse_args(argv)
+    assert exit.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_a_device_other_than_the_cpu_is_refused_when_parsing(capsys):
+    with pytest.raises(SystemExit) as exit:  # cpu only; a missing GPU is refused the same way
+        neutra.parse_args(["--device", "cuda"])
+    assert exit.value.code == 2 and "argument --device" in capsys.readouterr().err
+
+
+def test_defaults_one_thread_and_a_quick_folder():
+    assert neutra.parse_args([]).threads == 1
+    assert neutra.parse_args(["--quick"]).out == "out/neutra-quick"
+    assert neutra.parse_args(["--quick", "--out", "x"]).out == "x"

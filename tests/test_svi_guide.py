@@ -213,3 +213,17 @@ def test_regularization_is_positive_and_differentiable_in_svi(weights):
     with torch.no_grad():
         elbo.loss(regression_model, guide, X, y)
     assert float(regularization(guide)) == 0.0
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--lr", "0"], ["--particles", "0"], ["--eval-particles", "0"],
+                                  ["--plot-samples", "0"], ["--nuts-samples", "0"], ["--nuts-warmup", "-1"],
+                                  ["--nuts-tree-depth", "0"], ["--zuko-passes", "0"], ["--seed", "-1"]])
+def test_bad_numbers_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        sg.parse_args(argv)
+    assert exit.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_defaults_one_thread_and_a_quick_folder():
+    assert sg.parse_args([]).threads == 1
+    assert sg.parse_args(["--quick"]).out == "out/svi_guide-quick"

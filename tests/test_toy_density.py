@@ -1,13 +1,23 @@
-"""examples/toy_density.py: quick run outputs, learning, --steps reaching the solver, and
---resume equal to an uninterrupted run."""
+"""examples/toy_density.py: quick run outputs, learning, --steps reaching the solver, --resume
+equal to an uninterrupted run (also after Ctrl-C), checkpoints by minutes, resume refusing other
+options, and the checks of the command line (device, numbers, threads, the quick folder)."""
 
 import json
 import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import toy_density
+from pyro_ffjord import checkpoints, runs
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "toy_density.py"
 
 
 def run(out, *argv):
@@ -24,15 +34,18 @@ def test_quick_run_writes_pictures_and_results(tmp_path):
     assert math.isfinite(saved["test_nll"]) and saved["test_finite"]
     assert math.isfinite(saved["test_nll_training_solver"])
     assert saved["data"] == "pinwheel" and saved["iterations"] == 20 and len(saved["losses"]) == 20
-    assert saved["resumed_from"] is None
+    assert saved["resumed_from"] is None and saved["resumed"] is False
+    assert [(g["start"], g["end"]) for g in saved["segments"]] == [(0, 20)]
+    assert saved["train_seconds"] == saved["segments"][0]["train_seconds"] > 0
     assert saved["nfe_forward_last"] == 12  # 3 fixed rk4 steps by default, 4 evaluations each
     assert saved["args"]["quick"] and saved["flow_options"]["eval_trace"] == "exact"
     for key in ("train_seconds", "nfe_forward_mean", "test_nll_initial"):
         assert saved[key] is not None, key
-    for key in ("torch", "threads", "device", "date"):
-        assert saved["machine"][key] is not None, key
+    for key in ("torch", "threads", "device", "date", "revision", "revision_modified"):
+        assert saved["machine"][key] is not None, key  # the machine and revision block
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["iteration"] == 20 and len(ck["losses"]) == 20 and "numpy" in ck["rng"]
+    assert ck["config"]["lr"] == 1e-3 and ck["config"]["data"] == "pinwheel" and "iters" not in ck["config"]
 
 
 def test_steps_reach_the_training_solver(tmp_path):
@@ -61,15 +74,148 @@ def test_resume_equals_uninterrupted_run(tmp_path, flow_args):
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert a["iteration"] == b["iteration"] == 10
     for name, value in a["model"].items():
-        torch.testing.assert_close(b["model"][name], value, atol=1e-6, rtol=0, msg=name)
+        if torch.is_tensor(value):  # (and the field's architecture, a dict)
+            torch.testing.assert_close(b["model"][name], value, atol=1e-6, rtol=0, msg=name)
     assert b["losses"] == pytest.approx(a["losses"], abs=1e-6)
     assert resumed["test_nll"] == pytest.approx(whole["test_nll"], abs=1e-5)
     assert resumed["test_nll_initial"] == whole["test_nll_initial"]
 
 
-def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path):
+def test_resume_refuses_a_missing_checkpoint_or_other_options(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(tmp_path / "none", "--resume")
     run(tmp_path, "--iters", "1", "--test-points", "20", "--grid", "4")
-    with pytest.raises(ValueError, match="trained on 'pinwheel'"):
-        run(tmp_path, "--iters", "2", "--resume", "--data", "8gaussians")
+    # A resumed run is the same run: another lr, seed or data set is refused, naming the option.
+    for argv, says in ((("--data", "8gaussians"), "--data pinwheel -> 8gaussians"), (("--lr", "0.5"), "--lr 0.001 -> 0.5"),
+                       (("--seed", "3"), "--seed 0 -> 3"), (("--steps", "4"), "--steps 3 -> 4")):
+        with pytest.raises(runs.RunError, match=f"written with other options \\({says}\\).*without --resume"):
+            run(tmp_path, "--iters", "2", "--resume", "--test-points", "20", "--grid", "4", *argv)
+    # what only sizes the budget or the evaluation may change
+    res = run(tmp_path, "--iters", "2", "--resume", "--test-points", "30", "--grid", "5", "--threads", "1")
+    assert res["iterations"] == 2 and res["args"]["lr"] == 1e-3 and res["resumed"]
+
+
+@pytest.fixture
+def ctrl_c_must_be_handled():
+    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
+    def unhandled(signum, frame):
+        raise AssertionError("Ctrl-C reached code that does not handle it")
+
+    previous = signal.signal(signal.SIGINT, unhandled)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def interrupt_at(monkeypatch, iteration, batch_size):
+    """Ctrl-C (a real SIGINT) while the loop draws the batch of ``iteration`` (1-based)."""
+    calls, sample = [], toy_density.toy.sample
+
+    def sample_and_interrupt(name, n, seed=None):
+        if n == batch_size:  # a training batch (held-out and picture points use other sizes)
+            calls.append(n)
+            if len(calls) == iteration:
+                signal.raise_signal(signal.SIGINT)
+        return sample(name, n, seed=seed)
+
+    monkeypatch.setattr(toy_density.toy, "sample", sample_and_interrupt)
+
+
+def test_ctrl_c_saves_and_resume_finishes_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys,
+                                                                  ctrl_c_must_be_handled):
+    common = ("--batch-size", "64", "--test-points", "20", "--grid", "4", "--picture-samples", "50",
+              "--checkpoint-every", "0")
+    whole = run(tmp_path / "whole", "--iters", "9", *common)
+    interrupt_at(monkeypatch, 4, batch_size=64)
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "split", "--iters", "9", *common)
+    assert exit.value.code == 130
+    err = capsys.readouterr().err
+    assert "checkpoint at iteration 4 written" in err and "--resume" in err
+    ck = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert ck["iteration"] == 4 and len(ck["losses"]) == 4  # the iteration under way finished first
+    assert not (tmp_path / "split" / "results.json").exists()
+    monkeypatch.undo()
+
+    titles = []
+    monkeypatch.setattr(toy_density, "make_pictures", lambda args, flow, density, title: titles.append(title) or 0.0)
+    resumed = run(tmp_path / "split", "--iters", "9", "--resume", *common)
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    for name, value in a["model"].items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(b["model"][name], value, atol=1e-6, rtol=0, msg=name)
+    assert resumed["losses"] == pytest.approx(whole["losses"], abs=1e-6)
+    assert resumed["test_nll"] == pytest.approx(whole["test_nll"], abs=1e-5)
+    # The results and the picture say the run was resumed, with each segment's training time.
+    assert resumed["resumed"] and resumed["resumed_from"] == 4
+    assert [(g["start"], g["end"], g["resumed"]) for g in resumed["segments"]] == [(0, 4, False), (4, 9, True)]
+    assert resumed["train_seconds"] == pytest.approx(sum(g["train_seconds"] for g in resumed["segments"]))
+    assert "resumed" in titles[0] and not whole["resumed"]
+
+
+def test_checkpoints_by_elapsed_minutes(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(checkpoints, "clock", lambda: now[0])
+    sample, at = toy_density.toy.sample, []
+
+    def sample_slowly(name, n, seed=None):
+        now[0] += 40.0 if n == 16 else 0.0  # each training batch "takes" 40 s
+        return sample(name, n, seed=seed)
+
+    save = runs.save_checkpoint
+    monkeypatch.setattr(toy_density.toy, "sample", sample_slowly)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda path, state, *a, **k: at.append(state["iteration"])
+                        or save(path, state, *a, **k))
+    res = run(tmp_path, "--iters", "7", "--batch-size", "16", "--checkpoint-every", "0", "--checkpoint-minutes", "1.5",
+              "--test-points", "20", "--grid", "4")
+    assert at == [3, 6, 7]  # every 1.5 minutes of training, and at the end
+    assert res["train_seconds"] == pytest.approx(7 * 40.0)
+
+
+def test_defaults_one_thread_and_a_quick_folder():
+    # one thread: 64-wide nets at D = 2 lose time to a second one (the README's "one CPU core")
+    assert toy_density.parse_args([]).threads == 1
+    assert toy_density.parse_args(["--quick"]).out == os.path.join("out", "toy_density-quick")
+    assert toy_density.parse_args([]).out == os.path.join("out", "toy_density")
+    assert toy_density.parse_args(["--quick", "--out", "elsewhere"]).out == "elsewhere"
+
+
+@pytest.mark.parametrize("argv", [("--steps", "0"), ("--T", "0"), ("--eval-chunk", "0"), ("--batch-size", "0"),
+                                  ("--lr", "nan"), ("--lr", "-0.001"), ("--iters", "-1"), ("--hidden", "64", "0"),
+                                  ("--tol", "0"), ("--kinetic", "-1"), ("--grid", "0"), ("--test-points", "0"),
+                                  ("--checkpoint-minutes", "-1"), ("--threads", "0"), ("--seed", "-1")])
+def test_bad_numbers_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        toy_density.parse_args(list(argv))
+    assert exit.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_exits_clearly_and_creates_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda", "--out", str(out)],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "argument --device: cuda: CUDA is not available" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_sigint_to_the_script_saves_and_exits_130(tmp_path):
+    """The real thing: Ctrl-C (SIGINT) to ``python examples/toy_density.py`` while it trains."""
+    out = tmp_path / "run"
+    argv = [sys.executable, str(SCRIPT), "--quick", "--iters", "100000", "--checkpoint-every", "3", "--no-progress",
+            "--test-points", "20", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 120  # a guard against a hang, not a timing check
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted: checkpoint at iteration" in err
+    assert f"{SCRIPT.name} --quick --iters 100000" in err and err.rstrip().endswith("--resume")
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["iteration"] >= 3 and ck["segments"][-1]["end"] == ck["iteration"]

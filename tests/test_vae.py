@@ -4,7 +4,9 @@ log-det, and the FFJORD posteriors (the paper's and the lean configuration) as b
 import functools
 import json
 import math
+import os
 import pathlib
+import signal
 
 import pyro
 import pyro.distributions as dist
@@ -15,7 +17,7 @@ from torch import nn
 import vae
 import vae_flows
 import vae_model
-from pyro_ffjord import ConditionalFFJORD
+from pyro_ffjord import ConditionalFFJORD, runs
 from pyro_ffjord.nets import ConcatLinear
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -94,6 +96,67 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["epochs_trained"] == 2
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
     assert resumed["test_neg_elbo"] == straight["test_neg_elbo"]
+
+
+@pytest.fixture
+def ctrl_c_must_be_handled():
+    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
+    def unhandled(signum, frame):
+        raise AssertionError("Ctrl-C reached code that does not handle it")
+
+    previous = signal.signal(signal.SIGINT, unhandled)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@needs_mnist
+def test_ctrl_c_mid_epoch_then_resume_continues_exactly(tmp_path, monkeypatch, capsys, ctrl_c_must_be_handled):
+    common = ["--dataset", "mnist", "--data-dir", str(MNIST), "--flow", "ffjord", "--quick", "--subset", "60",
+              "--batch-size", "20", "--is-samples", "0", "--epochs", "2", "--checkpoint-every", "0"]
+    straight = run(tmp_path / "a", *common)
+    calls, regularization = [], vae_model.regularization
+
+    def interrupting(flows):  # called once per training batch: Ctrl-C during the 5th (epoch 2, batch 2)
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+        return regularization(flows)
+
+    monkeypatch.setattr(vae_model, "regularization", interrupting)
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "b", *common)
+    assert exit.value.code == 130 and "checkpoint at step 5 written" in capsys.readouterr().err
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["part"]["batch"] == 2 and len(ck["part"]["losses"]) == 2  # mid-epoch
+    monkeypatch.undo()
+    resumed = run(tmp_path / "b", *common, "--resume")
+    assert [h["train_losses"] for h in resumed["history"]] == [h["train_losses"] for h in straight["history"]]
+    assert resumed["test_neg_elbo"] == straight["test_neg_elbo"]
+    assert resumed["history"][1]["nfe_forward_per_step"] == straight["history"][1]["nfe_forward_per_step"]
+    assert resumed["resumed"] and not straight["resumed"] and resumed["steps_per_epoch"] == 3
+    assert [(g["start"], g["end"]) for g in resumed["segments"]] == [(0, 5), (5, 6)]
+    # another learning rate is another run: refused, naming it; a missing checkpoint too
+    with pytest.raises(runs.RunError, match=r"--lr 0\.0005 -> 0\.01"):
+        run(tmp_path / "b", *common, "--resume", "--lr", "1e-2")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(tmp_path / "c", *common, "--resume")
+
+
+@pytest.mark.parametrize("argv", [["--valid-every", "0"], ["--ffjord-steps", "0"], ["--width", "0"],
+                                  ["--batch-size", "0"], ["--epochs", "-1"], ["--lr", "nan"], ["--ffjord-T", "0"],
+                                  ["--num-flows", "0"], ["--eval-batch-size", "0"], ["--ffjord-tol", "-1"],
+                                  ["--latent-dim", "0"], ["--is-samples", "-1"], ["--checkpoint-minutes", "x"]])
+def test_bad_numbers_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        vae.parse_args(argv)
+    assert exit.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_defaults_free_cores_and_a_quick_folder():
+    # the conv nets share well between threads (2 trained 1.8x faster than 1 at --width 1): all free cores
+    assert vae.parse_args([]).threads is None
+    assert vae.parse_args(["--quick", "--flow", "iaf"]).out == os.path.join("out", "vae", "mnist-iaf-quick")
+    assert vae.parse_args(["--flow", "iaf"]).out == os.path.join("out", "vae", "mnist-iaf")
 
 
 def test_warmup_scales_the_whole_kl_term():
