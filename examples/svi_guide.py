@@ -10,11 +10,19 @@ loss ``elbo.differentiable_loss(model, guide) + pyro_ffjord.regularization(guide
 AutoNormal, AutoMultivariateNormal, AutoIAFNormal; zuko's NSF through ``ZukoToPyro``. FFJORD is
 scored in eval mode (exact trace, adaptive dopri5); rows trained with fixed rk4 steps also get
 the ELBO under the training solver (``elbo_train_solver``): its gap shows how faithful the fixed
-steps are. Writes ``<target>.json`` and ``<target>.png`` to ``--out`` (tables: docs/svi_guides.md).
+steps are. Writes ``<target>.json`` and ``<target>.png`` to ``--out`` (tables: docs/svi_guides.md;
+scoring: ``svi_targets.evaluate``).
 
-Run::
+``checkpoint_<target>.pt`` holds the target's finished guides (rows, samples, loss curves), the
+one in training (Pyro's parameter store, the optimizer's state, losses, step), the NUTS reference
+and the random state, the run's options and each segment's training time. It is written after
+every guide, every ``--checkpoint-minutes`` of training and on Ctrl-C (which then exits with code
+130); ``--resume`` continues at the guide and step where it stopped, with the numbers of an
+uninterrupted run, and refuses a checkpoint written with other options (all but --out,
+--threads, --no-progress, --device, --checkpoint-minutes and --target define the run). Run::
 
     python examples/svi_guide.py --target all      # about 20 minutes on one CPU thread
+    python examples/svi_guide.py --target all --resume   # continue it after Ctrl-C
     python examples/svi_guide.py --target funnel --sweep   # adds FFJORD variants as rows
     python examples/svi_guide.py --target all --quick   # seconds, for tests (out/svi_guide-quick)
 """
@@ -22,11 +30,11 @@ Run::
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
+from pathlib import Path
+from typing import Optional
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import iterated
 from pyro.contrib.zuko import ZukoToPyro
@@ -35,8 +43,7 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNorm
 from tqdm.auto import tqdm
 
 from pyro_ffjord import FFJORD, ffjord, regularization, runs
-from svi_targets import (TARGETS, log_q, make_target, mean_se, plot, quantile_errors, run_nuts,
-                         sample_and_log_q)
+from svi_targets import TARGETS, evaluate, make_target, plot, report, run_nuts
 
 GUIDES = {"ffjord": "FFJORD", "rnode": "FFJORD + RNODE", "normal": "AutoNormal",  # --guides key: row label
           "mvn": "AutoMultivariateNormal", "iaf": "AutoIAFNormal", "nsf": "zuko NSF"}
@@ -82,6 +89,9 @@ class ZukoGuide(torch.nn.Module):
         pyro.module("zuko_flow", self.flow)
         return pyro.sample(self.site, ZukoToPyro(self.flow()))
 
+    def get_posterior(self) -> torch.distributions.Distribution:  # as an autoguide's, for scoring
+        return self.flow()
+
 
 def make_guide(kind: str, model, args, options: dict):
     """A fresh guide; ``options`` are FFJORD's (with ``flows``) or zuko's (``passes``)."""
@@ -99,17 +109,11 @@ def make_guide(kind: str, model, args, options: dict):
     return {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal}[kind](model)
 
 
-def posterior_distribution(guide, model) -> torch.distributions.Distribution:
-    """q over the model's latent vector (identity unconstraining: the site is real_vector)."""
-    if isinstance(guide, ZukoGuide):
-        return guide.flow()
-    if isinstance(guide, AutoNormal):
-        return dist.Normal(*guide._get_loc_and_scale(model.site)).to_event(1)
-    return guide.get_posterior()
-
-
-def fit(label: str, model, args, options: dict, rnode: bool) -> dict:
-    """Train one guide with the shared optimizer, budget and particles."""
+def fit(label: str, model, args, options: dict, rnode: bool, index: int, training: runs.Training, saved: dict,
+        resume: Optional[dict] = None) -> dict:
+    """Train job ``index`` of the target (one guide) with the shared optimizer, budget and particles,
+    from step 0 or from ``resume`` (its state in the checkpoint, with the random state). ``saved``:
+    what every checkpoint of the target also holds (the finished jobs, the NUTS reference)."""
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     options = dict(options, **RNODE_WEIGHTS) if rnode else dict(options)
@@ -120,17 +124,38 @@ def fit(label: str, model, args, options: dict, rnode: bool) -> dict:
     def rnode_loss(model_, guide_, *a, **k):  # the documented recipe: ELBO loss + the solve's penalty
         return elbo.differentiable_loss(model_, guide_, *a, **k) + regularization(guide_)
     lrd = 0.1 ** (1.0 / max(1, args.steps))  # the learning rate ends at a tenth
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": args.lr, "lrd": lrd, "clip_norm": 100.0}),
-              rnode_loss if rnode else elbo)
-    losses = []
-    bar = tqdm(range(args.steps), desc=f"{model.name}: {label}", disable=args.no_progress, leave=False)
-    start = time.perf_counter()
+    optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": lrd, "clip_norm": 100.0})
+    svi = SVI(model, guide, optim, rnode_loss if rnode else elbo)
+    run = dict(step=0, losses=[], clock=training.elapsed(), nfe=[])  # clock: the run's seconds at the start
+
+    def flows() -> list:  # an autoguide builds its flows at its first call
+        return [m for m in guide.modules() if isinstance(m, FFJORD)]
+
+    def checkpoint() -> dict:  # the param store holds every guide's parameters (PyroModule or pyro.module)
+        params = {k: v.detach() for k, v in pyro.get_param_store().named_parameters()}
+        nfe = [f.stats.nfe_forward_total for f in flows()]
+        return dict(saved, current=dict(run, nfe=nfe, params=params, optim=optim.get_state()))
+
+    if resume is not None:
+        svi.evaluate_loss()  # sets the guide up as a first step does (random draws undone below)
+        with torch.no_grad():
+            for name, value in pyro.get_param_store().named_parameters():
+                value.copy_(resume["params"][name])
+        optim.set_state(resume["optim"])  # ClippedAdam's moments and decayed learning rate
+        run.update((k, resume[k]) for k in run)
+        for f, nfe in zip(flows(), run["nfe"]):
+            f.stats.nfe_forward_total = nfe
+        runs.set_rng_state(resume["rng"], args.device)
+    bar = tqdm(range(run["step"], args.steps), initial=run["step"], total=args.steps, desc=f"{model.name}: {label}",
+               disable=args.no_progress, leave=False)
     for step in bar:
-        losses.append(float(svi.step()))
+        run["losses"].append(float(svi.step()))
+        run["step"] = step + 1
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
-    seconds = time.perf_counter() - start
-    flows = [m for m in guide.modules() if isinstance(m, FFJORD)]
+            bar.set_postfix(loss=f"{sum(run['losses'][-50:]) / len(run['losses'][-50:]):.3f}")
+        training.step(index * args.steps + step + 1, checkpoint)  # by minutes, or Ctrl-C: save (and stop)
+    bar.close()
+    seconds, losses = training.elapsed() - run["clock"], run["losses"]
     row = {
         "guide": label, "kind": kind,
         "options": options if kind == "FFJORD" else (
@@ -138,83 +163,60 @@ def fit(label: str, model, args, options: dict, rnode: bool) -> dict:
         "params": sum(p.numel() for p in guide.parameters()),
         "steps": args.steps, "train_seconds": seconds, "ms_per_step": 1000 * seconds / max(1, args.steps),
         "loss_last100": sum(losses[-100:]) / len(losses[-100:]) if losses else None,
-        "nfe_per_step": sum(f.stats.nfe_forward_total for f in flows) / max(1, args.steps) if flows else None,
+        "nfe_per_step": sum(f.stats.nfe_forward_total for f in flows()) / max(1, args.steps) if flows() else None,
     }
-    return {"row": row, "guide": guide, "flows": flows, "losses": losses}
-
-
-@torch.no_grad()
-def evaluate(fitted: dict, model, args, truth_samples, nuts_samples) -> dict:
-    guide, row, flows = fitted["guide"], fitted["row"], fitted["flows"]
-    guide.eval()  # FFJORD: exact trace, eval solver
-    q = posterior_distribution(guide, model)
-    pyro.set_rng_seed(args.seed + 1)
-    start = time.perf_counter()
-    z, lq = sample_and_log_q(q, args.eval_particles)
-    row["eval_sample_seconds"] = time.perf_counter() - start
-    if flows:
-        row["eval_nfe_sample"] = sum(f.nfe_forward for f in flows)
-    lw = model.log_joint(z) - lq
-    row["elbo"], row["elbo_se"] = mean_se(lw)
-    row["nonfinite_log_weights"] = int((~torch.isfinite(lw)).sum())
-    if model.normalized:
-        row["kl_q_p"], row["kl_q_p_se"] = -row["elbo"], row["elbo_se"]
-        start = time.perf_counter()
-        lq_truth = log_q(q, truth_samples)
-        row["eval_reverse_seconds"] = time.perf_counter() - start
-        if flows:
-            row["eval_nfe_reverse"] = sum(f.nfe_forward for f in flows)
-        row["kl_p_q"], row["kl_p_q_se"] = mean_se(model.log_joint(truth_samples) - lq_truth)
-    if nuts_samples is not None:
-        row.update(quantile_errors(z, nuts_samples))
-    # The map the guide was trained with, when it is deterministic (exact trace, fixed steps).
-    if flows and all(f.config.trace == "exact" and (f.config.steps or f.config.step_size) for f in flows):
-        guide.train()
-        pyro.set_rng_seed(args.seed + 1)
-        z_t, lq_t = sample_and_log_q(posterior_distribution(guide, model), args.eval_particles)
-        row["elbo_train_solver"] = mean_se(model.log_joint(z_t) - lq_t)[0]
-    return {"samples": z[: args.plot_samples].clone(), "row": row}
-
-
-def report(target: str, row: dict) -> str:
-    parts = ["{target}: {guide:<34} {ms_per_step:7.1f} ms/step  ELBO {elbo:9.3f} ± {elbo_se:.3f}"]
-    parts += [fmt for key, fmt in (
-        ("kl_p_q", "KL(p||q) {kl_p_q:8.3f} ± {kl_p_q_se:.3f}"),
-        ("quantile_err_mean", "q-err {quantile_err_mean:.3f} (max {quantile_err_max:.3f})  "
-                              "sd ratio {sd_ratio_mean:.2f}"),
-        ("elbo_train_solver", "[ELBO train solver {elbo_train_solver:.3f}]")) if key in row]
-    return "  ".join(parts).format(target=target, **row)
+    return {"row": row, "guide": guide, "flows": flows(), "losses": losses}
 
 
 def run_target(target: str, args) -> dict:
     steps = DEFAULT_STEPS[target] if args.steps is None else args.steps
     args = argparse.Namespace(**dict(vars(args), steps=steps))
     model = make_target(target)
+    # One checkpoint per target; its position counts SVI steps over the target's guides, in order.
+    config = dict(runs.run_config(args, free=("target",)), target=target)
+    training = runs.Training(args, Path(args.out) / f"checkpoint_{target}.pt", config, unit="step")
+    ck = training.resume(missing_ok=True)  # refuses other options
     pyro.set_rng_seed(args.seed + 12345)
     truth = model.truth.sample((args.eval_particles,)) if model.normalized else None
-    nuts = run_nuts(model, args) if target == "logistic" else None
+    nuts = ck["nuts"] if ck is not None else run_nuts(model, args) if target == "logistic" else None
     panels = [("truth (exact samples)", truth[: args.plot_samples]) if nuts is None else
               (f"NUTS ({nuts['num_samples']} samples)", nuts["samples"])]
     guides = [GUIDES[k] for k in GUIDES if k in args.guides]
     jobs = [(g, FFJORD_OPTIONS[target] if g.startswith("FFJORD") else {}, g == "FFJORD + RNODE")
             for g in guides]
     jobs += [(label, opts, False) for label, opts in SWEEP[target]] if args.sweep else []
-    rows, curves = [], {}
-    for label, options, rnode in jobs:
-        fitted = fit(label, model, args, options, rnode)
-        out = evaluate(fitted, model, args, truth, None if nuts is None else nuts["samples"])
-        rows.append(out["row"])
-        curves[label] = fitted["losses"][:: max(1, args.steps // 200)]
+    # what every checkpoint holds besides the job in training: each finished job's row, samples and curve
+    saved = {"nuts": nuts, "done": [] if ck is None else ck["done"]}
+    current = None if ck is None else ck["current"]  # the job in training, if any
+    start = len(saved["done"]) * args.steps + (current["step"] if current else 0)
+    if ck is not None:
+        print(f"{target}: resumed from {training.path} at step {start}: {len(saved['done'])} guide(s) done")
+    with training.loop(start):
+        for index in range(len(saved["done"]), len(jobs)):
+            label, options, rnode = jobs[index]
+            resume = None if current is None else dict(current, rng=ck["rng"])
+            fitted = fit(label, model, args, options, rnode, index, training, saved, resume)
+            current = None
+            with training.paused():  # scoring is not training time
+                out = evaluate(fitted, model, args, truth, None if nuts is None else nuts["samples"])
+            saved["done"].append({"row": out["row"], "samples": out["samples"],
+                                  "curve": fitted["losses"][:: max(1, args.steps // 200)]})
+            print(report(target, out["row"]))
+            training.step((index + 1) * args.steps, lambda: dict(saved, current=None), due=True)
+    rows, curves = [d["row"] for d in saved["done"]], {}
+    for (label, _, _), d in zip(jobs, saved["done"]):
+        curves[label] = d["curve"]
         if label in guides:
-            panels.append((f"{label}: ELBO {out['row']['elbo']:.2f}", out["samples"]))
-        print(report(target, out["row"]))
+            panels.append((f"{label}: ELBO {d['row']['elbo']:.2f}", d["samples"]))
     ref = {r["guide"]: r["ms_per_step"] for r in rows}
     for row in rows:
         for name, key in (("AutoNormal", "x_autonormal"), ("zuko NSF", "x_zuko")):
             row[key] = row["ms_per_step"] / ref[name] if name in ref else None
-    plot(target, model, panels, f"{args.out}/{target}.png", None if nuts is None else nuts["samples"])
+    title = f"{target}: {args.steps} SVI steps per guide, trained in {training.describe()}"
+    plot(target, model, panels, f"{args.out}/{target}.png", None if nuts is None else nuts["samples"], title)
     payload = {"target": target, "ffjord_options": FFJORD_OPTIONS[target], "rnode_weights": RNODE_WEIGHTS,
-               "results": rows, "curves": curves}
+               **training.summary(), "resumed_from": start if training.resumed else None, "results": rows,
+               "curves": curves}
     if nuts is not None:
         payload["nuts"] = {k: v for k, v in nuts.items() if k != "samples"}
     return runs.write_results(args, "svi_guide", payload, filename=f"{target}.json")
@@ -235,16 +237,19 @@ def parse_args(argv=None):
                  "nuts-tree-depth"):  # defaults: FULL and QUICK (in --help)
         p.add_argument(f"--{name}", type=runs.nonnegative_int if name == "nuts-warmup" else count)
     # one thread: guides of 2-31 numbers with 128-wide fields (the docs' times and ratios too)
-    runs.add_run_args(p, out="out/svi_guide", threads=1, threads_note="2- to 31-D guides are too small for more")
+    runs.add_run_args(p, out="out/svi_guide", resume=True, threads=1, threads_note="2- to 31-D guides are too small for more")
     return runs.parse(p, argv)
 
 
 def main(args) -> dict:
     runs.fill_defaults(args, full=FULL, quick=QUICK)
+    targets = TARGETS if args.target == "all" else (args.target,)
+    if args.resume and not any((Path(args.out) / f"checkpoint_{t}.pt").exists() for t in targets):
+        raise runs.MissingCheckpoint(f"--resume: no checkpoint_<target>.pt in {args.out}; run once without --resume")
     runs.start(args)
     if args.device != "cpu":
         torch.set_default_device(args.device)
-    return {t: run_target(t, args) for t in (TARGETS if args.target == "all" else (args.target,))}
+    return {t: run_target(t, args) for t in targets}
 
 
 if __name__ == "__main__":

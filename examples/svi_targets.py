@@ -4,8 +4,9 @@
 (their exact samples are the truth); ``logistic`` is Bayesian logistic regression on
 scikit-learn's breast-cancer data, whose truth is a seeded NUTS run (:func:`run_nuts`).
 :func:`quantile_errors` scores samples against such a reference, :func:`sample_and_log_q`,
-:func:`log_q` and :func:`mean_se` give the Monte Carlo ELBO and KLs, :func:`plot` draws each
-guide's samples over the true density.
+:func:`log_q` and :func:`mean_se` give the Monte Carlo ELBO and KLs with which :func:`evaluate`
+scores a trained guide (:func:`report`: its line), :func:`plot` draws each guide's samples over
+the true density.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
 from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide import AutoNormal
 
 TARGETS = ("funnel", "banana", "logistic")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -192,10 +194,62 @@ def run_nuts(model, args) -> dict:
             "floor_quantile_err_max": floor["quantile_err_max"]}
 
 
+def posterior_distribution(guide, model) -> torch.distributions.Distribution:
+    """q over the model's latent vector (identity unconstraining: the site is real_vector)."""
+    if isinstance(guide, AutoNormal):
+        return dist.Normal(*guide._get_loc_and_scale(model.site)).to_event(1)
+    return guide.get_posterior()
+
+
+@torch.no_grad()
+def evaluate(fitted: dict, model, args, truth_samples, nuts_samples) -> dict:
+    """The row of a trained guide (``fitted``: its ``row``, ``guide``, FFJORD ``flows``): ELBO, KLs
+    or quantile errors, in eval mode; and its samples for the picture."""
+    guide, row, flows = fitted["guide"], fitted["row"], fitted["flows"]
+    guide.eval()  # FFJORD: exact trace, eval solver
+    q = posterior_distribution(guide, model)
+    pyro.set_rng_seed(args.seed + 1)
+    start = time.perf_counter()
+    z, lq = sample_and_log_q(q, args.eval_particles)
+    row["eval_sample_seconds"] = time.perf_counter() - start
+    if flows:
+        row["eval_nfe_sample"] = sum(f.nfe_forward for f in flows)
+    lw = model.log_joint(z) - lq
+    row["elbo"], row["elbo_se"] = mean_se(lw)
+    row["nonfinite_log_weights"] = int((~torch.isfinite(lw)).sum())
+    if model.normalized:
+        row["kl_q_p"], row["kl_q_p_se"] = -row["elbo"], row["elbo_se"]
+        start = time.perf_counter()
+        lq_truth = log_q(q, truth_samples)
+        row["eval_reverse_seconds"] = time.perf_counter() - start
+        if flows:
+            row["eval_nfe_reverse"] = sum(f.nfe_forward for f in flows)
+        row["kl_p_q"], row["kl_p_q_se"] = mean_se(model.log_joint(truth_samples) - lq_truth)
+    if nuts_samples is not None:
+        row.update(quantile_errors(z, nuts_samples))
+    # The map the guide was trained with, when it is deterministic (exact trace, fixed steps).
+    if flows and all(f.config.trace == "exact" and (f.config.steps or f.config.step_size) for f in flows):
+        guide.train()
+        pyro.set_rng_seed(args.seed + 1)
+        z_t, lq_t = sample_and_log_q(posterior_distribution(guide, model), args.eval_particles)
+        row["elbo_train_solver"] = mean_se(model.log_joint(z_t) - lq_t)[0]
+    return {"samples": z[: args.plot_samples].clone(), "row": row}
+
+
+def report(target: str, row: dict) -> str:
+    parts = ["{target}: {guide:<34} {ms_per_step:7.1f} ms/step  ELBO {elbo:9.3f} ± {elbo_se:.3f}"]
+    parts += [fmt for key, fmt in (
+        ("kl_p_q", "KL(p||q) {kl_p_q:8.3f} ± {kl_p_q_se:.3f}"),
+        ("quantile_err_mean", "q-err {quantile_err_mean:.3f} (max {quantile_err_max:.3f})  "
+                              "sd ratio {sd_ratio_mean:.2f}"),
+        ("elbo_train_solver", "[ELBO train solver {elbo_train_solver:.3f}]")) if key in row]
+    return "  ".join(parts).format(target=target, **row)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pictures
 # ---------------------------------------------------------------------------------------------
-def plot(target: str, model, panels, path: str, nuts=None) -> None:
+def plot(target: str, model, panels, path: str, nuts=None, title: str = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,16 +295,18 @@ def plot(target: str, model, panels, path: str, nuts=None) -> None:
         levels = [top - 8, top - 4.5, top - 2, top - 0.5]
     for ax in axes.flat[n:]:
         ax.axis("off")
-    for ax, (title, z) in zip(axes.flat, panels):
+    for ax, (name, z) in zip(axes.flat, panels):
         ax.contour(gx, gy, density, levels=levels, colors="gray", linewidths=0.6)
         ax.scatter(z[:, i], z[:, j], s=2, alpha=0.35, rasterized=True)
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(name, fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel(labels[0], fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel(labels[1], fontsize=8)
+    if title:  # the training time, "resumed" and each segment's for a resumed run
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

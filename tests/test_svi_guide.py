@@ -1,4 +1,5 @@
-"""FFJORD guides in SVI: the example in quick mode for each target, its sweep variants' fixed
+"""FFJORD guides in SVI: the example in quick mode for each target, Ctrl-C then --resume ending
+where an uninterrupted run ends (resume refusing other options), its sweep variants' fixed
 steps, recovery of a known 2-D Gaussian posterior, vectorized particles with a data plate, and
 the RNODE penalty in a loss."""
 
@@ -6,7 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pathlib
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +22,7 @@ import pyro
 import pyro.distributions as dist
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_ffjord import FFJORD, AutoFFJORD, ffjord, regularization
+from pyro_ffjord import FFJORD, AutoFFJORD, ffjord, regularization, runs
 
 import svi_guide as sg  # examples/ (pytest's pythonpath)
 from svi_targets import make_target
@@ -48,6 +55,109 @@ def test_example_quick_writes_json_and_png(target, tmp_path):
         assert saved["nuts"]["num_samples"] == 40 and saved["nuts"]["floor_quantile_err_mean"] > 0
     png = tmp_path / f"{target}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["resumed"] is False and [(g["start"], g["end"]) for g in saved["segments"]] == [(0, 180)]
+    ck = torch.load(tmp_path / f"checkpoint_{target}.pt", weights_only=True)  # 6 guides x 30 steps
+    assert len(ck["done"]) == 6 and ck["current"] is None and ck["config"]["target"] == target
+
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "svi_guide.py"
+# banana, every guide, 5 steps each, small evaluations: about 2 seconds a run
+TINY = ["--target", "banana", "--quick", "--no-progress", "--steps", "5", "--eval-particles", "32",
+        "--plot-samples", "16"]
+TIMES = ("train_seconds", "ms_per_step", "eval_sample_seconds", "eval_reverse_seconds", "x_autonormal", "x_zuko")
+
+
+@pytest.fixture
+def ctrl_c_must_be_handled():
+    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
+    def unhandled(signum, frame):
+        raise AssertionError("Ctrl-C reached code that does not handle it")
+
+    previous = signal.signal(signal.SIGINT, unhandled)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+def picture_titles(monkeypatch) -> list:
+    """The titles (``suptitle``) of the pictures drawn from now on."""
+    import matplotlib.figure
+
+    titles, suptitle = [], matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda fig, text, **kw: titles.append(text) or suptitle(fig, text, **kw))
+    return titles
+
+
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, ctrl_c_must_be_handled):
+    whole = sg.main(sg.parse_args(TINY + ["--out", str(tmp_path / "whole")]))["banana"]
+    step, calls = pyro.infer.SVI.step, []
+
+    def interrupting(self, *args, **kwargs):  # Ctrl-C during the 8th SVI step: FFJORD + RNODE's 3rd
+        calls.append(1)
+        if len(calls) == 8:
+            signal.raise_signal(signal.SIGINT)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(pyro.infer.SVI, "step", interrupting)
+    with pytest.raises(SystemExit) as exit:
+        sg.main(sg.parse_args(TINY + ["--out", str(tmp_path / "split")]))
+    assert exit.value.code == 130
+    err = capsys.readouterr().err
+    assert "checkpoint at step 8 written" in err and "--resume" in err
+    ck = torch.load(tmp_path / "split" / "checkpoint_banana.pt", weights_only=True)
+    assert [d["row"]["guide"] for d in ck["done"]] == ["FFJORD"] and ck["current"]["step"] == 3
+    assert not (tmp_path / "split" / "banana.json").exists()
+    monkeypatch.undo()
+
+    titles = picture_titles(monkeypatch)
+    resumed = sg.main(sg.parse_args(TINY + ["--out", str(tmp_path / "split"), "--resume"]))["banana"]
+    for a, b in zip(whole["results"], resumed["results"], strict=True):  # every score, to the last digit
+        assert {k: v for k, v in b.items() if k not in TIMES} == {k: v for k, v in a.items() if k not in TIMES}
+    assert resumed["curves"] == whole["curves"]  # the loss curves
+    a = torch.load(tmp_path / "whole" / "checkpoint_banana.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint_banana.pt", weights_only=True)
+    for done_a, done_b in zip(a["done"], b["done"], strict=True):  # samples of the final guides
+        assert torch.equal(done_a["samples"], done_b["samples"]), done_a["row"]["guide"]
+    # The results and the picture say the run was resumed, with each segment's training time.
+    assert resumed["resumed"] and resumed["resumed_from"] == 8 and not whole["resumed"]
+    assert [(g["start"], g["end"], g["resumed"]) for g in resumed["segments"]] == [(0, 8, False), (8, 30, True)]
+    assert resumed["train_seconds"] == pytest.approx(sum(g["train_seconds"] for g in resumed["segments"]))
+    (title,) = titles
+    assert title.startswith("banana: 5 SVI steps per guide, trained in ") and "(resumed: " in title
+
+
+def test_resume_refuses_a_missing_checkpoint_or_other_options(tmp_path):
+    argv = ["--target", "banana", "--quick", "--no-progress", "--steps", "2", "--guides", "normal",
+            "--eval-particles", "16", "--plot-samples", "8", "--out", str(tmp_path)]
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        sg.main(sg.parse_args(argv + ["--resume"]))
+    sg.main(sg.parse_args(argv))
+    for more, says in ((["--lr", "0.5"], "--lr 0.003 -> 0.5"), (["--seed", "3"], "--seed 0 -> 3"),
+                       (["--steps", "3"], "--steps 2 -> 3")):
+        with pytest.raises(runs.RunError, match=f"written with other options \\({says}\\).*without --resume"):
+            sg.main(sg.parse_args(argv + ["--resume"] + more))
+
+
+def test_sigint_to_the_script_saves_and_exits_130(tmp_path):
+    """The real thing: Ctrl-C (SIGINT) to ``python examples/svi_guide.py`` while it trains, after a
+    checkpoint written by elapsed time (--checkpoint-minutes)."""
+    out = tmp_path / "run"
+    argv = [sys.executable, str(SCRIPT), "--target", "banana", "--quick", "--steps", "100000", "--guides", "normal",
+            "--checkpoint-minutes", "0.002", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 120  # a guard against a hang, not a timing check
+        while not (out / "checkpoint_banana.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted: checkpoint at step" in err
+    assert f"{SCRIPT.name} --target banana --quick" in err and err.rstrip().endswith("--resume")
+    ck = torch.load(out / "checkpoint_banana.pt", weights_only=True)
+    assert ck["current"]["step"] >= 1 and ck["segments"][-1]["end"] == ck["current"]["step"]
 
 
 def test_sweep_variants_solve_with_the_fixed_steps_their_labels_name():
