@@ -13,6 +13,7 @@ from torch.distributions import Transform, constraints
 
 from .checks import check_tensor
 from .config import ARCH_DEFAULTS, EXACT_TRACE_MAX_DIM, FFJORDConfig, apply_preset, default_hidden_dims, is_adaptive
+from . import drift
 from .divergence import sample_noise
 from .nets import LayerConditioning, ODENet
 from .ode import AugmentedDynamics, solve
@@ -168,7 +169,7 @@ class ConditionedFFJORD(HasSolveStats, Transform):
             ) from None
         x = x.expand(batch + x.shape[-1:])
         trace = config.trace if setup.training else config.eval_trace
-        solver = config.solver if setup.training else (config.eval_solver or config.solver)
+        solver = config.solver if setup.training else config.eval_method
         if is_adaptive(solver) and torch.finfo(x.dtype).eps > config.rtol:
             raise ValueError(
                 f"{solver!r} cannot meet rtol={config.rtol:g} in {x.dtype} (its resolution is "
@@ -195,8 +196,11 @@ class ConditionedFFJORD(HasSolveStats, Transform):
         adjoint_params = [*net.field_parameters(), setup.T]
         for c in setup.cond or ():
             adjoint_params.extend(t for t in c if t is not None)
-        return solve(dynamics, x, reverse=reverse, config=config, solver=solver, adjoint=config.adjoint,
-                     adjoint_params=adjoint_params)
+        z, logdet = solve(dynamics, x, reverse=reverse, config=config, solver=solver, adjoint=config.adjoint,
+                          adjoint_params=adjoint_params)
+        if setup.training and not is_adaptive(solver) and torch.is_grad_enabled():
+            drift.guard(dynamics, x, z, logdet, reverse=reverse, config=config, stats=setup.stats)
+        return z, logdet
 
 
 class _FFJORDParams:
@@ -226,6 +230,14 @@ class _FFJORDParams:
     def _loaded(module: "_FFJORDParams", incompatible) -> None:
         # log_T is the one source of truth for T: config.T follows what was loaded.
         module.config.T = float(module.log_T.detach().exp())
+
+    def get_extra_state(self) -> dict:
+        # The fixed grid the drift check may have refined belongs to the trained flow.
+        return {"steps": self.config.steps, "step_size": self.config.step_size}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not is_adaptive(self.config.solver) and state.get("steps") is not None:
+            self.config.steps, self.config.step_size = state["steps"], None
 
     def _state_key(self) -> tuple:
         """Identifies the current values of every parameter and buffer, and the mode: in-place
