@@ -271,10 +271,12 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
         \log\left|\det\frac{\partial y}{\partial x}\right| = \int_0^T
         \mathrm{tr}\left(\frac{\partial f}{\partial z(t)}\right)dt,
 
-    with :math:`f` an unrestricted MLP (:class:`~pyro_ffjord.nets.ODENet`). In training mode the
-    trace is Hutchinson's unbiased estimate :math:`\epsilon^\top (\partial f/\partial z)\,\epsilon`
-    (one vector-Jacobian product per evaluation, :math:`\epsilon` drawn once per solve); in eval
-    mode it is exact. ``rsample`` followed by ``log_prob`` of that sample costs one solve; the
+    with :math:`f` an unrestricted MLP (:class:`~pyro_ffjord.nets.ODENet`). By default, training
+    backpropagates through three fixed rk4 steps (checked against an adaptive solve every 50
+    solves, see :mod:`pyro_ffjord.drift`) with the exact trace up to :math:`D = 4` and above it
+    Hutchinson's unbiased estimate :math:`\epsilon^\top (\partial f/\partial z)\,\epsilon`
+    (one vector-Jacobian product per evaluation, :math:`\epsilon` drawn once per solve); eval
+    mode solves adaptively (dopri5) with the exact trace, so reported likelihoods are exact. ``rsample`` followed by ``log_prob`` of that sample costs one solve; the
     log-density of any other value costs one reverse solve.
 
     Example::
@@ -301,10 +303,13 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
     Options (keywords): ``trace`` (``"hutchinson"`` | ``"exact"``, training mode; default exact
     for ``input_dim <= 4``, where it learns faster per second, else Hutchinson),
     ``eval_trace`` (default ``"exact"``), ``noise`` (``"rademacher"`` | ``"gaussian"``),
-    ``solver`` (a torchdiffeq method, default ``"dopri5"``), ``eval_solver`` (used in eval
-    mode, default ``solver``), ``atol``/``rtol`` (1e-5, adaptive solvers), ``steps`` (number
-    of fixed steps over [0, T] of a fixed-grid solver such as ``"rk4"``) or ``step_size`` (in
-    units of t), ``adjoint`` (memory-light gradients; default False: backprop through the
+    ``solver`` (a torchdiffeq method used in training mode, default ``"rk4"``), ``eval_solver``
+    (eval mode; default ``solver`` if it is adaptive, else ``"dopri5"``, so that a reported
+    likelihood never depends on a coarse grid), ``atol``/``rtol`` (1e-5, adaptive solvers),
+    ``steps`` (fixed steps over [0, T] of a fixed-grid solver; default 3) or ``step_size`` (in
+    units of t), ``drift_check``/``drift_tol`` (every 50 fixed-grid training solves, compare with
+    the adaptive solve and double ``steps`` when the log-det drifts more than 0.05 nats; see
+    :mod:`pyro_ffjord.drift`), ``adjoint`` (memory-light gradients; default False: backprop through the
     solver is faster), ``T`` (end time, 0.5), ``train_T`` (learn T), ``kinetic``/``jacobian``
     (RNODE weights; see :attr:`regularization`), ``error_norm`` (``"batch"`` RMS or worst
     ``"sample"``), ``max_nfe`` (step budget per solve; exceeding it raises
