@@ -51,7 +51,8 @@ VARIANTS = {
     "rk4_4_rnode": rk4(4, kinetic=0.01, jacobian=0.01),
     "rk4_4_hutch": rk4(4, trace="hutchinson"),
     "zero_init_fast": dict(preset="fast", zero_init=True),
-    "fast": dict(preset="fast"),  # (b) of the race: the library's "fast" preset
+    "fast": dict(preset="fast"),  # the library's "fast" preset
+    "default": dict(),  # (b) of the race: FFJORD(2) as a user gets it
 }
 EVAL_TOL = 1e-5  # every contender is scored at the reference tolerance
 
@@ -171,7 +172,9 @@ def bench_parser(doc: str, out: str, iters: int, batch_size: int, test_size: int
     p.add_argument("--test-size", type=int, default=test_size, help="held-out points")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: these nets are small, and on this project's 2-core "
+                        "machine one thread ran tiny fields 6.3x faster than two under load; 0: the free cores)")
     p.add_argument("--out", default=out, help="results JSON file ('' writes none)")
     return p
 

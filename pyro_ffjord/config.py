@@ -19,6 +19,11 @@ SOLVERS = ADAPTIVE_SOLVERS + FIXED_GRID_SOLVERS
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "heun2": 2, "heun3": 3, "explicit_adams": 1,
                   "implicit_adams": 1, "fixed_adams": 1}
 
+# The default solve: training backpropagates through DEFAULT_STEPS fixed rk4 steps (with a drift
+# check against an adaptive solve, see pyro_ffjord.drift); eval mode is adaptive dopri5.
+DEFAULT_STEPS = 3
+DEFAULT_EVAL_SOLVER = "dopri5"
+
 # Architecture defaults of the vector field (see pyro_ffjord.nets.ODENet).
 ARCH_DEFAULTS = {"activation": "tanh", "time_embedding": "concatsquash", "zero_init": False}
 # Up to this dimension the default training trace is exact: D batched VJPs cost little and the
@@ -74,7 +79,7 @@ def apply_preset(preset: Optional[str], kwargs: dict) -> dict:
     merged = {**PRESETS[preset], **kwargs}
     if "step_size" in kwargs and "steps" not in kwargs:
         merged.pop("steps", None)
-    solvers = {merged.get("solver", "dopri5"), merged.get("eval_solver") or merged.get("solver", "dopri5")}
+    solvers = {merged.get("solver", FFJORDConfig.solver), merged.get("eval_solver") or DEFAULT_EVAL_SOLVER}
     if "steps" not in kwargs and all(is_adaptive(s) for s in solvers if s in SOLVERS):
         merged.pop("steps", None)  # the caller chose adaptive solvers: the preset's grid is moot
     return merged
@@ -92,7 +97,7 @@ class FFJORDConfig:
     trace: str = "hutchinson"
     eval_trace: str = "exact"
     noise: str = "rademacher"
-    solver: str = "dopri5"
+    solver: str = "rk4"
     atol: float = 1e-5
     rtol: float = 1e-5
     steps: Optional[int] = None
@@ -106,6 +111,8 @@ class FFJORDConfig:
     error_norm: str = "batch"
     max_nfe: int = 20_000
     max_memory_gb: Optional[float] = None
+    drift_check: int = 50
+    drift_tol: float = 0.05
 
     def __post_init__(self) -> None:
         _choice("trace", self.trace, TRACES)
@@ -145,7 +152,7 @@ class FFJORDConfig:
                 raise ValueError("give steps or step_size, not both")
         if self.step_size is not None:
             _positive_finite("step_size", self.step_size)
-        used = {self.solver, self.eval_solver or self.solver}
+        used = {self.solver, self.eval_method}
         fixed = sorted(s for s in used if not is_adaptive(s))
         timed = "steps" if self.steps is not None else "step_size"
         if (self.steps is not None or self.step_size is not None) and not fixed:
@@ -155,12 +162,19 @@ class FFJORDConfig:
                 f"own steps (atol/rtol); drop {timed}, or use a fixed-grid solver such as solver='rk4'"
             )
         for solver in fixed:
-            if self.steps is None and self.step_size is None:
-                raise ValueError(
-                    f"the fixed-step solver {solver!r} needs steps (whole steps over [0, T], e.g. 4) "
-                    "or step_size (in units of t)"
-                )
             self.check_step_budget(solver, self.T)
+        if not (_is_int(self.drift_check) and self.drift_check >= 0):
+            raise ValueError(f"drift_check must be an int >= 0 (training solves between checks; 0: never), "
+                             f"got {self.drift_check!r}")
+        _positive_finite("drift_tol", self.drift_tol)
+
+    @property
+    def eval_method(self) -> str:
+        """The solver of eval mode: ``eval_solver``, else the training solver if it is adaptive,
+        else dopri5 (a fixed grid trains fast; a reported likelihood must not depend on it)."""
+        if self.eval_solver is not None:
+            return self.eval_solver
+        return self.solver if is_adaptive(self.solver) else DEFAULT_EVAL_SOLVER
 
     def check_step_budget(self, solver: str, T: float) -> None:
         """Refuse, before solving, a fixed grid whose evaluations cannot fit in ``max_nfe``."""
@@ -190,9 +204,11 @@ class FFJORDConfig:
 
     def fixed_steps(self, T: float) -> int:
         """Steps a fixed-grid solver takes over [0, T]: ``steps``, or whole steps of at most
-        ``step_size`` that land exactly on T."""
+        ``step_size`` that land exactly on T, else :data:`DEFAULT_STEPS`."""
         if self.steps is not None:
             return self.steps
+        if self.step_size is None:
+            return DEFAULT_STEPS
         return max(1, math.ceil(T / self.step_size - 1e-9))
 
 

@@ -13,6 +13,7 @@ from torch.distributions import Transform, constraints
 
 from .checks import check_tensor
 from .config import ARCH_DEFAULTS, EXACT_TRACE_MAX_DIM, FFJORDConfig, apply_preset, default_hidden_dims, is_adaptive
+from . import drift
 from .divergence import sample_noise
 from .nets import LayerConditioning, ODENet
 from .ode import AugmentedDynamics, solve
@@ -168,7 +169,7 @@ class ConditionedFFJORD(HasSolveStats, Transform):
             ) from None
         x = x.expand(batch + x.shape[-1:])
         trace = config.trace if setup.training else config.eval_trace
-        solver = config.solver if setup.training else (config.eval_solver or config.solver)
+        solver = config.solver if setup.training else config.eval_method
         if is_adaptive(solver) and torch.finfo(x.dtype).eps > config.rtol:
             raise ValueError(
                 f"{solver!r} cannot meet rtol={config.rtol:g} in {x.dtype} (its resolution is "
@@ -195,8 +196,11 @@ class ConditionedFFJORD(HasSolveStats, Transform):
         adjoint_params = [*net.field_parameters(), setup.T]
         for c in setup.cond or ():
             adjoint_params.extend(t for t in c if t is not None)
-        return solve(dynamics, x, reverse=reverse, config=config, solver=solver, adjoint=config.adjoint,
-                     adjoint_params=adjoint_params)
+        z, logdet = solve(dynamics, x, reverse=reverse, config=config, solver=solver, adjoint=config.adjoint,
+                          adjoint_params=adjoint_params)
+        if setup.training and not is_adaptive(solver) and torch.is_grad_enabled():
+            drift.guard(dynamics, x, z, logdet, reverse=reverse, config=config, stats=setup.stats)
+        return z, logdet
 
 
 class _FFJORDParams:
@@ -226,6 +230,14 @@ class _FFJORDParams:
     def _loaded(module: "_FFJORDParams", incompatible) -> None:
         # log_T is the one source of truth for T: config.T follows what was loaded.
         module.config.T = float(module.log_T.detach().exp())
+
+    def get_extra_state(self) -> dict:
+        # The fixed grid the drift check may have refined belongs to the trained flow.
+        return {"steps": self.config.steps, "step_size": self.config.step_size}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not is_adaptive(self.config.solver) and state.get("steps") is not None:
+            self.config.steps, self.config.step_size = state["steps"], None
 
     def _state_key(self) -> tuple:
         """Identifies the current values of every parameter and buffer, and the mode: in-place
@@ -259,10 +271,12 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
         \log\left|\det\frac{\partial y}{\partial x}\right| = \int_0^T
         \mathrm{tr}\left(\frac{\partial f}{\partial z(t)}\right)dt,
 
-    with :math:`f` an unrestricted MLP (:class:`~pyro_ffjord.nets.ODENet`). In training mode the
-    trace is Hutchinson's unbiased estimate :math:`\epsilon^\top (\partial f/\partial z)\,\epsilon`
-    (one vector-Jacobian product per evaluation, :math:`\epsilon` drawn once per solve); in eval
-    mode it is exact. ``rsample`` followed by ``log_prob`` of that sample costs one solve; the
+    with :math:`f` an unrestricted MLP (:class:`~pyro_ffjord.nets.ODENet`). By default, training
+    backpropagates through three fixed rk4 steps (checked against an adaptive solve every 50
+    solves, see :mod:`pyro_ffjord.drift`) with the exact trace up to :math:`D = 4` and above it
+    Hutchinson's unbiased estimate :math:`\epsilon^\top (\partial f/\partial z)\,\epsilon`
+    (one vector-Jacobian product per evaluation, :math:`\epsilon` drawn once per solve); eval
+    mode solves adaptively (dopri5) with the exact trace, so reported likelihoods are exact. ``rsample`` followed by ``log_prob`` of that sample costs one solve; the
     log-density of any other value costs one reverse solve.
 
     Example::
@@ -289,10 +303,13 @@ class FFJORD(ConditionedFFJORD, _FFJORDParams, TransformModule):
     Options (keywords): ``trace`` (``"hutchinson"`` | ``"exact"``, training mode; default exact
     for ``input_dim <= 4``, where it learns faster per second, else Hutchinson),
     ``eval_trace`` (default ``"exact"``), ``noise`` (``"rademacher"`` | ``"gaussian"``),
-    ``solver`` (a torchdiffeq method, default ``"dopri5"``), ``eval_solver`` (used in eval
-    mode, default ``solver``), ``atol``/``rtol`` (1e-5, adaptive solvers), ``steps`` (number
-    of fixed steps over [0, T] of a fixed-grid solver such as ``"rk4"``) or ``step_size`` (in
-    units of t), ``adjoint`` (memory-light gradients; default False: backprop through the
+    ``solver`` (a torchdiffeq method used in training mode, default ``"rk4"``), ``eval_solver``
+    (eval mode; default ``solver`` if it is adaptive, else ``"dopri5"``, so that a reported
+    likelihood never depends on a coarse grid), ``atol``/``rtol`` (1e-5, adaptive solvers),
+    ``steps`` (fixed steps over [0, T] of a fixed-grid solver; default 3) or ``step_size`` (in
+    units of t), ``drift_check``/``drift_tol`` (every 50 fixed-grid training solves, compare with
+    the adaptive solve and double ``steps`` when the log-det drifts more than 0.05 nats; see
+    :mod:`pyro_ffjord.drift`), ``adjoint`` (memory-light gradients; default False: backprop through the
     solver is faster), ``T`` (end time, 0.5), ``train_T`` (learn T), ``kinetic``/``jacobian``
     (RNODE weights; see :attr:`regularization`), ``error_norm`` (``"batch"`` RMS or worst
     ``"sample"``), ``max_nfe`` (step budget per solve; exceeding it raises

@@ -30,6 +30,8 @@ class SolveStats:
         self.nfe_backward_total = 0
         self.regularization: Optional[Tensor] = None
         self.last: Optional[AugmentedDynamics] = None
+        self.training_solves = 0  # fixed-grid training solves, for the drift check
+        self.drift = None  # the latest pyro_ffjord.drift.Drift measured
 
     def __getstate__(self) -> dict:
         # The latest solve and its penalty hold graph tensors: copies and pickles start clean.

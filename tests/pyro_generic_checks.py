@@ -45,7 +45,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 # - hidden_dims=[8] and T=2: at PyTorch's default initialization this moves points by ~2 and gives
 #   log-dets of order 0.1 that vary with x, so the checks are not about a near-identity map
 #   (the default architecture with T=0.5 gives log-dets below 0.005). The runner prints both.
-FLOW_OPTIONS = dict(hidden_dims=[8], T=2.0, trace="exact", solver="rk4", steps=16)
+FLOW_OPTIONS = dict(hidden_dims=[8], T=2.0, trace="exact", solver="rk4", steps=16, eval_solver="rk4")
 CONDITIONINGS = ("concat", "lowrank", "bias")
 BATCH_SHAPES = ((3,), (3, 4), (3, 4, 5))  # those of Pyro's _test
 EVENT_SIZES = (2, 5)  # those of Pyro's _test for event_dim=1

@@ -79,3 +79,19 @@ def test_toy_race_without_reference_or_target(tmp_path):
     (result,) = json.loads(out.read_text())["results"]
     assert result["target_nll"] is None and [r["variant"] for r in result["rows"]] == ["fast"]
     assert result["rows"][0]["reached_target"] is None and finite(result["rows"][0]["final_test_nll"])
+
+
+def test_dim_sweep_smoke(tmp_path):
+    import dim_sweep
+
+    real = dim_sweep.DATA_DIR
+    dims = [2, 8] if (__import__("pathlib").Path(real) / "train-images-idx3-ubyte.gz").exists() else [2]
+    out = tmp_path / "sweep.json"
+    args = dim_sweep.parser().parse_args(
+        ["--seconds", "0.3", "--dims", *map(str, dims), "--test-size", "50", "--threads", "1", "--out", str(out)])
+    dim_sweep.main(args)
+    saved = json.loads(out.read_text())
+    check_header(saved, "dim_sweep")
+    assert [r["dim"] for r in saved["rows"]] == [d for d in dims for _ in range(3)]
+    for row in saved["rows"]:
+        assert row["iterations"] >= 1 and finite(row["test_nll"], row["seconds_per_iteration"])

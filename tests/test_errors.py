@@ -7,7 +7,7 @@ import torch
 from pyro_ffjord import ConditionalFFJORD, FFJORD, SolverError, conditional_ffjord, ffjord
 from pyro_ffjord.config import ADAPTIVE_SOLVERS
 
-OPTIONS = dict(hidden_dims=[8, 8], zero_init=False)
+OPTIONS = dict(hidden_dims=[8, 8], zero_init=False, solver="dopri5")  # failures of adaptive solves
 
 
 def flow(**options):
@@ -147,11 +147,8 @@ def test_unknown_option_name(factory):
         (dict(atol=float("inf")), "atol must be a positive finite number, got inf"),
         (dict(rtol=float("nan")), "rtol must be a positive finite number"),
         (dict(rtol=0.0), "rtol must be a positive finite number"),
-        (dict(solver="rk4"), "fixed-step solver 'rk4' needs steps .* or step_size"),
-        (dict(solver="euler"), "fixed-step solver 'euler' needs steps"),
-        (dict(eval_solver="rk4"), "fixed-step solver 'rk4' needs steps"),
         (dict(solver="rk4", step_size=-0.1), "step_size must be a positive finite number"),
-        (dict(step_size=0.1), "step_size applies to fixed-grid solvers, but solver='dopri5'"),
+        (dict(solver="dopri5", step_size=0.1), "step_size applies to fixed-grid solvers, but solver='dopri5'"),
         (dict(steps=4, solver="bosh3", eval_solver="dopri5"), "steps applies to fixed-grid solvers"),
         (dict(solver="rk4", step_size=1e-7), "needs at least 20000000 function evaluations.*max_nfe=20000"),
         (dict(solver="euler", steps=50, max_nfe=49), "needs at least 50 function evaluations"),
@@ -286,7 +283,7 @@ def test_underflow_names_the_solver(monkeypatch):
 def test_huge_weights_stop_at_the_step_budget():
     # A real net, not a patched one: huge weights make the field enormous and stiff; the
     # solve stops at the budget with advice instead of grinding on.
-    f = FFJORD(2, hidden_dims=[8], activation="softplus", zero_init=False, max_nfe=500)
+    f = FFJORD(2, hidden_dims=[8], activation="softplus", zero_init=False, solver="dopri5", max_nfe=500)
     with torch.no_grad():
         for p in f.parameters():
             p.mul_(1e6)

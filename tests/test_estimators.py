@@ -102,7 +102,7 @@ def test_hutchinson_logdet_is_unbiased(noise):
     # rk4 on a fixed grid: the trajectory does not depend on the probe, and the quadrature is
     # linear in the integrand, so E[Hutchinson log-det] is exactly the exact-trace log-det on
     # the same grid and the only discrepancy is the sampling error.
-    flow = make_flow(noise=noise, solver="rk4", step_size=0.25, T=1.0)
+    flow = make_flow(noise=noise, solver="rk4", step_size=0.25, T=1.0, eval_solver="rk4")
     x = torch.randn(4, 3)
     n = 4000
     xs = x.expand(n, 4, 3)  # every copy gets its own probe vector in one solve
@@ -110,7 +110,7 @@ def test_hutchinson_logdet_is_unbiased(noise):
     with torch.no_grad():
         ys = flow(xs)
         hutch = flow.log_abs_det_jacobian(xs, ys)
-    flow.eval()  # eval_trace="exact", same solver and grid
+    flow.eval()  # eval_trace="exact", same solver and grid (eval_solver)
     with torch.no_grad():
         y = flow(x)
         exact = flow.log_abs_det_jacobian(x, y)

@@ -23,7 +23,7 @@ CONTEXT_DIM = 3
 DIMS = [2, 5]
 KINDS = ["ffjord", "concat", "lowrank", "bias"]
 CONDITIONINGS = ["concat", "lowrank", "bias"]
-OPTIONS = dict(hidden_dims=[8, 8], zero_init=False, trace="exact", atol=1e-10, rtol=1e-10)
+OPTIONS = dict(hidden_dims=[8, 8], zero_init=False, trace="exact", solver="dopri5", atol=1e-10, rtol=1e-10)
 # PyTorch's default init gives log-dets of order 1e-2; stretching the weight matrices of the
 # field (not the low-rank/bias context head, whose U V^T would grow by GAIN**2 and make the
 # dynamics stiff) by this gain makes them of order 0.1-1, so that a wrong log-det cannot hide
