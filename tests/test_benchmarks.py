@@ -30,8 +30,8 @@ def test_variants_build(name):
     if fixed:
         assert config.solver == "rk4" and config.steps == int(fixed.group(1))
         assert config.step_size is None and config.eval_solver == "dopri5"
-    else:  # adaptive dopri5, or the "fast" preset's 3 rk4 steps
-        assert config.solver == "dopri5" or (config.solver == "rk4" and config.steps == 3), name
+    else:  # adaptive dopri5, or 3 rk4 steps (the "fast" preset sets them, the default implies them)
+        assert config.solver == "dopri5" or (config.solver == "rk4" and config.fixed_steps(0.5) == 3), name
 
 
 def test_fit_8gaussians_smoke(tmp_path):
@@ -60,7 +60,7 @@ def test_toy_race_smoke(tmp_path):
     check_header(saved, "toy_race")
     (result,) = saved["results"]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["reference", "fast", "rk4_4"]
+    assert list(rows) == ["reference", "default", "rk4_4"]
     assert result["target_nll"] == rows["reference"]["final_test_nll"]  # (a)'s NLL is the target
     for r in rows.values():
         assert r["iters"] == 2 and len(r["curve"]) == 2, r["variant"]
@@ -77,7 +77,7 @@ def test_toy_race_without_reference_or_target(tmp_path):
             "20", "--skip-reference", "--skip-zuko", "--threads", "1", "--out", str(out)]
     toy_race.main(toy_race.parser().parse_args(argv))
     (result,) = json.loads(out.read_text())["results"]
-    assert result["target_nll"] is None and [r["variant"] for r in result["rows"]] == ["fast"]
+    assert result["target_nll"] is None and [r["variant"] for r in result["rows"]] == ["default"]
     assert result["rows"][0]["reached_target"] is None and finite(result["rows"][0]["final_test_nll"])
 
 
