@@ -95,3 +95,17 @@ def test_dim_sweep_smoke(tmp_path):
     assert [r["dim"] for r in saved["rows"]] == [d for d in dims for _ in range(3)]
     for row in saved["rows"]:
         assert row["iterations"] >= 1 and finite(row["test_nll"], row["seconds_per_iteration"])
+
+
+def test_svi_race_smoke(tmp_path):
+    import svi_race
+
+    out = tmp_path / "svi.json"
+    argv = ["--steps", "2", "--lrs", "1e-2", "--eval-batches", "2", "--eval-particles", "20", "--out", str(out)]
+    svi_race.main(svi_race.parser().parse_args(argv))
+    saved = json.loads(out.read_text())
+    check_header(saved, "svi_race")
+    assert {(r["target"], r["guide"]) for r in saved["rows"]} == {
+        (t, g) for t in svi_race.TARGETS for g in svi_race.GUIDES}
+    for row in saved["rows"]:
+        assert finite(row["kl"], row["kl_se"], row["train_seconds"], row["x_spline_time"])
