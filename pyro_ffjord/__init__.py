@@ -2,6 +2,7 @@
 
 from .autoguide import AutoFFJORD
 from .conditional import ConditionalFFJORD, conditional_ffjord
+from .drift import DriftWarning
 from .ffjord import ConditionedFFJORD, FFJORD, ffjord
 from .nets import ODENet
 from .ode import SolverError
@@ -12,6 +13,7 @@ __all__ = [
     "FFJORD",
     "ConditionalFFJORD",
     "ConditionedFFJORD",
+    "DriftWarning",
     "ODENet",
     "SolveStats",
     "SolverError",
