@@ -236,6 +236,8 @@ class Training:
         save_checkpoint(self.path, {**state(), "config": self.config, "segments": [dict(s) for s in self.segments]},
                         self.device, self.numpy_rng)
         self._saved_at = clock()
+        if COMMAND is not None:  # a script run through runs.cli: say so (one line per checkpoint)
+            print(f"checkpoint: {self.unit} {position} written to {self.path}", file=sys.stderr, flush=True)
         if running:
             self.unpause()
 

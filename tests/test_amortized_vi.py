@@ -88,26 +88,6 @@ def test_defaults_one_thread_and_a_quick_folder():
     assert av.parse_args(["--quick"]).out == "out/amortized_vi-quick"
 
 
-@pytest.fixture
-def ctrl_c_must_be_handled():
-    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
-    def unhandled(signum, frame):
-        raise AssertionError("Ctrl-C reached code that does not handle it")
-
-    previous = signal.signal(signal.SIGINT, unhandled)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-def picture_titles(monkeypatch) -> list:
-    """The titles (``suptitle``) of the pictures drawn from now on."""
-    import matplotlib.figure
-
-    titles, suptitle = [], matplotlib.figure.Figure.suptitle
-    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
-                        lambda fig, text, **kw: titles.append(text) or suptitle(fig, text, **kw))
-    return titles
-
-
 def interrupt_svi_step(monkeypatch, k: int) -> None:
     """Ctrl-C (a real SIGINT) during the k-th SVI step of the run (steps count over the guides)."""
     step, calls = pyro.infer.SVI.step, []
@@ -122,7 +102,8 @@ def interrupt_svi_step(monkeypatch, k: int) -> None:
 
 
 @pytest.mark.parametrize("k", [3, 9], ids=["in-the-flow-guide", "in-the-second-guide"])
-def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, ctrl_c_must_be_handled, k):
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, ctrl_c_must_be_handled,
+                                                       picture_titles, k):
     whole = av.main(av.parse_args(TINY + ["--out", str(tmp_path / "whole")]))
     interrupt_svi_step(monkeypatch, k)
     with pytest.raises(SystemExit) as exit:
@@ -136,7 +117,7 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, c
     assert len(ck["done"]) == (k - 1) // 6 and ck["current"]["step"] == (k - 1) % 6 + 1
     monkeypatch.undo()
 
-    titles = picture_titles(monkeypatch)
+    titles = picture_titles()
     resumed = av.main(av.parse_args(TINY + ["--out", str(tmp_path / "split"), "--resume"]))
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)

@@ -64,17 +64,6 @@ def test_example_quick_writes_json_png_and_resumes(tmp_path):
     assert (tmp_path / "time_options.json").exists()
 
 
-@pytest.fixture
-def ctrl_c_must_be_handled():
-    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
-    def unhandled(signum, frame):
-        raise AssertionError("Ctrl-C reached code that does not handle it")
-
-    previous = signal.signal(signal.SIGINT, unhandled)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"{MNIST} absent")
 def test_ctrl_c_mid_epoch_then_resume_equals_a_straight_run(tmp_path, monkeypatch, capsys,
                                                             ctrl_c_must_be_handled):

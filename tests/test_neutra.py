@@ -88,17 +88,6 @@ def whole(tmp_path_factory):
     return neutra.main(neutra.parse_args(TINY + ["--out", str(out)])), out
 
 
-@pytest.fixture
-def ctrl_c_must_be_handled():
-    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
-    def unhandled(signum, frame):
-        raise AssertionError("Ctrl-C reached code that does not handle it")
-
-    previous = signal.signal(signal.SIGINT, unhandled)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def count_svi_steps(monkeypatch, interrupt_at: int = 0) -> list:
     """Count the guide's SVI steps; Ctrl-C (a real SIGINT) during step ``interrupt_at``."""
     step, calls = pyro.infer.SVI.step, []
@@ -112,16 +101,6 @@ def count_svi_steps(monkeypatch, interrupt_at: int = 0) -> list:
     monkeypatch.setattr(pyro.infer.SVI, "step", counting)
     return calls
 
-def picture_titles(monkeypatch) -> list:
-    """The titles (``suptitle``) of the pictures drawn from now on."""
-    import matplotlib.figure
-
-    titles, suptitle = [], matplotlib.figure.Figure.suptitle
-    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
-                        lambda fig, text, **kw: titles.append(text) or suptitle(fig, text, **kw))
-    return titles
-
-
 def same_results(resumed: dict, whole: dict) -> None:
     assert resumed["guide"]["elbo"] == whole["guide"]["elbo"]
     assert resumed["guide"]["loss_last100"] == whole["guide"]["loss_last100"]
@@ -131,7 +110,7 @@ def same_results(resumed: dict, whole: dict) -> None:
 
 
 def test_ctrl_c_in_guide_training_then_resume_trains_the_rest_only(whole, tmp_path, monkeypatch, capsys,
-                                                                   ctrl_c_must_be_handled):
+                                                                   ctrl_c_must_be_handled, picture_titles):
     whole, _ = whole
     count_svi_steps(monkeypatch, interrupt_at=4)
     with pytest.raises(SystemExit) as exit:
@@ -143,7 +122,7 @@ def test_ctrl_c_in_guide_training_then_resume_trains_the_rest_only(whole, tmp_pa
     assert ck["step"] == 4 and len(ck["losses"]) == 4 and not (tmp_path / "neutra.json").exists()
     monkeypatch.undo()
 
-    calls, titles = count_svi_steps(monkeypatch), picture_titles(monkeypatch)
+    calls, titles = count_svi_steps(monkeypatch), picture_titles()
     resumed = neutra.main(neutra.parse_args(TINY + ["--out", str(tmp_path), "--resume"]))
     assert len(calls) == 2  # steps 5 and 6 only
     same_results(resumed, whole)

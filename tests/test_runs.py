@@ -154,17 +154,6 @@ def test_threads_default_and_help():
 
 
 # -- training loops: configuration, checkpoints by minutes and on Ctrl-C, segments -----------------
-@pytest.fixture
-def ctrl_c_must_be_handled():
-    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
-    def unhandled(signum, frame):
-        raise AssertionError("Ctrl-C reached code that does not handle it")
-
-    previous = signal.signal(signal.SIGINT, unhandled)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def training(tmp_path, argv=(), free=("iters",)):
     args = parse(["--out", str(tmp_path), "--resume" if "--resume" in argv else "--no-progress",
                   *[a for a in argv if a != "--resume"]], resume=True)

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -67,27 +64,8 @@ TINY = ["--target", "banana", "--quick", "--no-progress", "--steps", "5", "--eva
 TIMES = ("train_seconds", "ms_per_step", "eval_sample_seconds", "eval_reverse_seconds", "x_autonormal", "x_zuko")
 
 
-@pytest.fixture
-def ctrl_c_must_be_handled():
-    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
-    def unhandled(signum, frame):
-        raise AssertionError("Ctrl-C reached code that does not handle it")
-
-    previous = signal.signal(signal.SIGINT, unhandled)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-def picture_titles(monkeypatch) -> list:
-    """The titles (``suptitle``) of the pictures drawn from now on."""
-    import matplotlib.figure
-
-    titles, suptitle = [], matplotlib.figure.Figure.suptitle
-    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
-                        lambda fig, text, **kw: titles.append(text) or suptitle(fig, text, **kw))
-    return titles
-
-
-def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, ctrl_c_must_be_handled):
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, ctrl_c_must_be_handled,
+                                                       picture_titles):
     whole = sg.main(sg.parse_args(TINY + ["--out", str(tmp_path / "whole")]))["banana"]
     step, calls = pyro.infer.SVI.step, []
 
@@ -108,7 +86,7 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, c
     assert not (tmp_path / "split" / "banana.json").exists()
     monkeypatch.undo()
 
-    titles = picture_titles(monkeypatch)
+    titles = picture_titles()
     resumed = sg.main(sg.parse_args(TINY + ["--out", str(tmp_path / "split"), "--resume"]))["banana"]
     for a, b in zip(whole["results"], resumed["results"], strict=True):  # every score, to the last digit
         assert {k: v for k, v in b.items() if k not in TIMES} == {k: v for k, v in a.items() if k not in TIMES}
@@ -137,22 +115,14 @@ def test_resume_refuses_a_missing_checkpoint_or_other_options(tmp_path):
             sg.main(sg.parse_args(argv + ["--resume"] + more))
 
 
-def test_sigint_to_the_script_saves_and_exits_130(tmp_path):
+def test_sigint_to_the_script_saves_and_exits_130(tmp_path, interrupt_after_first_checkpoint):
     """The real thing: Ctrl-C (SIGINT) to ``python examples/svi_guide.py`` while it trains, after a
     checkpoint written by elapsed time (--checkpoint-minutes)."""
     out = tmp_path / "run"
     argv = [sys.executable, str(SCRIPT), "--target", "banana", "--quick", "--steps", "100000", "--guides", "normal",
             "--checkpoint-minutes", "0.002", "--no-progress", "--out", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        deadline = time.monotonic() + 120  # a guard against a hang, not a timing check
-        while not (out / "checkpoint_banana.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    proc = interrupt_after_first_checkpoint(argv)
+    err = proc.stderr
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted: checkpoint at step" in err
     assert f"{SCRIPT.name} --target banana --quick" in err and err.rstrip().endswith("--resume")

@@ -9,7 +9,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -93,17 +92,6 @@ def test_resume_refuses_a_missing_checkpoint_or_other_options(tmp_path):
     # what only sizes the budget or the evaluation may change
     res = run(tmp_path, "--iters", "2", "--resume", "--test-points", "30", "--grid", "5", "--threads", "1")
     assert res["iterations"] == 2 and res["args"]["lr"] == 1e-3 and res["resumed"]
-
-
-@pytest.fixture
-def ctrl_c_must_be_handled():
-    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
-    def unhandled(signum, frame):
-        raise AssertionError("Ctrl-C reached code that does not handle it")
-
-    previous = signal.signal(signal.SIGINT, unhandled)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 def interrupt_at(monkeypatch, iteration, batch_size):
@@ -199,21 +187,13 @@ def test_device_cuda_without_cuda_exits_clearly_and_creates_nothing(tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
-def test_sigint_to_the_script_saves_and_exits_130(tmp_path):
+def test_sigint_to_the_script_saves_and_exits_130(tmp_path, interrupt_after_first_checkpoint):
     """The real thing: Ctrl-C (SIGINT) to ``python examples/toy_density.py`` while it trains."""
     out = tmp_path / "run"
     argv = [sys.executable, str(SCRIPT), "--quick", "--iters", "100000", "--checkpoint-every", "3", "--no-progress",
             "--test-points", "20", "--out", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        deadline = time.monotonic() + 120  # a guard against a hang, not a timing check
-        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    proc = interrupt_after_first_checkpoint(argv)
+    err = proc.stderr
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted: checkpoint at iteration" in err
     assert f"{SCRIPT.name} --quick --iters 100000" in err and err.rstrip().endswith("--resume")

@@ -98,17 +98,6 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["test_neg_elbo"] == straight["test_neg_elbo"]
 
 
-@pytest.fixture
-def ctrl_c_must_be_handled():
-    """A Ctrl-C that the code under test does not catch fails the test (instead of ending pytest)."""
-    def unhandled(signum, frame):
-        raise AssertionError("Ctrl-C reached code that does not handle it")
-
-    previous = signal.signal(signal.SIGINT, unhandled)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 @needs_mnist
 def test_ctrl_c_mid_epoch_then_resume_continues_exactly(tmp_path, monkeypatch, capsys, ctrl_c_must_be_handled):
     common = ["--dataset", "mnist", "--data-dir", str(MNIST), "--flow", "ffjord", "--quick", "--subset", "60",
