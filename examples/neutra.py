@@ -68,16 +68,11 @@ def train_guide(model: Funnel, args, training: runs.Training, ck: Optional[dict]
     svi = SVI(model, guide, optim, Trace_ELBO(num_particles=args.particles, vectorize_particles=True))
     run = dict(step=0, losses=[])
 
-    def checkpoint() -> dict:  # the param store holds the guide's parameters
-        params = {k: v.detach() for k, v in pyro.get_param_store().named_parameters()}
-        return dict(run, params=params, optim=optim.get_state())
+    def checkpoint() -> dict:
+        return dict(run, **runs.svi_state(optim))
 
     if ck is not None:
-        svi.evaluate_loss()  # sets the guide up as a first step does (random draws undone below)
-        with torch.no_grad():
-            for name, value in pyro.get_param_store().named_parameters():
-                value.copy_(ck["params"][name])
-        optim.set_state(ck["optim"])  # ClippedAdam's moments and decayed learning rate
+        runs.restore_svi(svi, optim, ck)  # random draws undone below
         run.update((k, ck[k]) for k in run)
         runs.set_rng_state(ck["rng"])
     bar = tqdm(range(run["step"], args.guide_steps), initial=run["step"], total=args.guide_steps, desc="guide",

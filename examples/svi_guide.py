@@ -131,17 +131,12 @@ def fit(label: str, model, args, options: dict, rnode: bool, index: int, trainin
     def flows() -> list:  # an autoguide builds its flows at its first call
         return [m for m in guide.modules() if isinstance(m, FFJORD)]
 
-    def checkpoint() -> dict:  # the param store holds every guide's parameters (PyroModule or pyro.module)
-        params = {k: v.detach() for k, v in pyro.get_param_store().named_parameters()}
+    def checkpoint() -> dict:
         nfe = [f.stats.nfe_forward_total for f in flows()]
-        return dict(saved, current=dict(run, nfe=nfe, params=params, optim=optim.get_state()))
+        return dict(saved, current=dict(run, nfe=nfe, **runs.svi_state(optim)))
 
     if resume is not None:
-        svi.evaluate_loss()  # sets the guide up as a first step does (random draws undone below)
-        with torch.no_grad():
-            for name, value in pyro.get_param_store().named_parameters():
-                value.copy_(resume["params"][name])
-        optim.set_state(resume["optim"])  # ClippedAdam's moments and decayed learning rate
+        runs.restore_svi(svi, optim, resume)  # random draws undone below
         run.update((k, resume[k]) for k in run)
         for f, nfe in zip(flows(), run["nfe"]):
             f.stats.nfe_forward_total = nfe

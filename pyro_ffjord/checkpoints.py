@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
+import pyro
 import torch
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -259,6 +260,23 @@ def describe_training(summary: Mapping[str, Any]) -> str:
         return total
     parts = " + ".join(f"{segment['train_seconds']:.0f}" for segment in summary["segments"])
     return f"{total} (resumed: {parts} s)"
+
+
+def svi_state(optim) -> Dict[str, Any]:
+    """What an SVI run needs to continue: the param store's values (every guide's parameters,
+    ``PyroModule`` or ``pyro.module``) and the Pyro optimizer's state."""
+    params = {k: v.detach() for k, v in pyro.get_param_store().named_parameters()}
+    return {"params": params, "optim": optim.get_state()}
+
+
+def restore_svi(svi, optim, state: Mapping[str, Any]) -> None:
+    """Undo :func:`svi_state`. An autoguide builds its parameters at its first call, so the SVI
+    loss is evaluated once first (its random draws: restore the random state afterwards)."""
+    svi.evaluate_loss()
+    with torch.no_grad():
+        for name, value in pyro.get_param_store().named_parameters():
+            value.copy_(state["params"][name])
+    optim.set_state(state["optim"])
 
 
 def resume_command() -> str:

@@ -46,11 +46,13 @@ from .checkpoints import (  # noqa: F401 -- re-exported: the examples import run
     config_differences,
     describe_training,
     load_checkpoint,
+    restore_svi,
     resume_command,
     rng_state,
     run_config,
     save_checkpoint,
     set_rng_state,
+    svi_state,
 )
 from . import checkpoints
 
