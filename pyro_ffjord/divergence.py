@@ -49,11 +49,12 @@ def exact_divergence(
     r"""Exact trace from the D vector-Jacobian products :math:`e_i^\top \partial f/\partial z`.
 
     Two ways, chosen by what measured faster (``benchmarks/exact_eval.py``, one thread): for a
-    small batch without a graph, the D products batched into one backward pass with
-    :func:`torch.vmap` (``is_grads_batched``); otherwise one backward pass per coordinate over
-    the same graph, which keeps every intermediate at the batch's size (the batched pass holds
-    D copies, which fall out of cache: 2.2x slower at D = 64 and 1000 points) and gives a much
-    smaller double-backward graph when training (1.1-9x faster per training step).
+    small batch (up to :data:`BATCHED_TRACE_MAX_ELEMENTS` numbers in ``z``) the D products
+    batched into one backward pass with :func:`torch.vmap` (``is_grads_batched``; one call's
+    overhead instead of D: 1.9x faster for one 10-D point, as in NUTS); otherwise, and at
+    D <= 2, one backward pass per coordinate over the same graph, which keeps every
+    intermediate at the batch's size (the batched pass holds D copies, which fall out of cache:
+    2.1x slower for a whole exact log_prob at D = 64 and 1000 points).
 
     Returns ``(divergence, frobenius)`` of shape ``z.shape[:-1]``; ``frobenius`` is ``None``
     unless asked for.
@@ -65,10 +66,10 @@ def exact_divergence(
         tensor([6., 6., 6., 6.])
     """
     dim = z.shape[-1]
-    if not create_graph and z.numel() <= BATCHED_TRACE_MAX_ELEMENTS:
+    if dim > 2 and z.numel() <= BATCHED_TRACE_MAX_ELEMENTS:
         basis = torch.eye(dim, dtype=z.dtype, device=z.device)
         basis = basis.reshape(dim, *([1] * (z.dim() - 1)), dim).expand(dim, *z.shape)
-        (rows,) = torch.autograd.grad(f, z, basis, is_grads_batched=True)
+        (rows,) = torch.autograd.grad(f, z, basis, create_graph=create_graph, is_grads_batched=True)
         # rows[i, ..., j] = d f_i / d z_j
         divergence = rows.diagonal(dim1=0, dim2=-1).sum(-1)
         return divergence, (rows.pow(2).sum(0).mean(-1) if frobenius else None)
@@ -83,6 +84,8 @@ def exact_divergence(
     return divergence, (squares.mean(-1) if frobenius else None)
 
 
-# Up to this many numbers in z (points x D) the batched (vmap) pass measured as fast or faster
-# than the loop when no graph is kept (e.g. D = 8 and 256 points: 1.5 vs 1.9 ms).
-BATCHED_TRACE_MAX_ELEMENTS = 4096
+# Up to this many numbers in z (points x D) the batched (vmap) pass measured faster than the
+# loop (e.g. D = 8, 256 points, no graph: 1.5 vs 1.9 ms; D = 16, 32 points, with the graph
+# of a training step: 2.9 vs 5.4 ms); from about 4096 on the loop wins (D = 16, 128 points,
+# training: 7.5 vs 9.0 ms).
+BATCHED_TRACE_MAX_ELEMENTS = 2048

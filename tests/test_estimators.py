@@ -50,6 +50,29 @@ def test_exact_divergence_matches_autograd_jacobian():
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("batch", [(5,), (2, 3), (600,)])  # 600 x 4 > BATCHED_TRACE_MAX_ELEMENTS
+def test_exact_divergence_ways_agree(monkeypatch, batch, create_graph):
+    """The batched (vmap) pass and the per-coordinate loop give the same trace, Frobenius term
+    and gradients through them, whichever the size picks by default."""
+    divergence = importlib.import_module("pyro_ffjord.divergence")
+    W, b = torch.randn(4, 4), torch.randn(4)
+    out = []
+    for batched_max in (10**9, 0):  # always the vmap pass, then always the loop
+        monkeypatch.setattr(divergence, "BATCHED_TRACE_MAX_ELEMENTS", batched_max)
+        z = torch.randn(*batch, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        f = torch.tanh(z @ W.T + b) * z.sin()
+        div, frob = exact_divergence(f, z, create_graph=create_graph, frobenius=True)
+        grad = torch.autograd.grad((div + frob).sum(), z)[0] if create_graph else None
+        out.append((div, frob, grad))
+    (d1, f1, g1), (d2, f2, g2) = out
+    assert d1.shape == f1.shape == batch
+    torch.testing.assert_close(d1, d2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f1, f2, rtol=1e-12, atol=1e-12)
+    if create_graph:
+        torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+
+
 def test_hutchinson_divergence_of_linear_map_per_probe():
     A, z, f = linear_field(3, 7)
     eps = sample_noise(z, "gaussian")

@@ -85,6 +85,23 @@ def test_elbo_decreases(tmp_path):
 
 
 @needs_mnist
+def test_a_subset_run_evaluates_in_proportion(tmp_path):
+    """A small --subset run validates on as many points as it trains on and scores the IS-NLL on
+    1000 test points by default: scoring all 10,000 every epoch made such runs take hours."""
+    args = vae.parse_args(["--out", str(tmp_path), "--subset", "30"])
+    assert args.is_points == 1000 and args.valid_points is None and args.is_samples == 100
+    res = run(tmp_path, "--dataset", "mnist", "--data-dir", str(MNIST), "--flow", "planar", "--subset", "30",
+              "--epochs", "1", "--width", "0.125", "--num-flows", "1", "--test-points", "40",
+              "--is-samples", "2", "--is-points", "10")
+    assert res["data"]["train_used"] == res["data"]["valid_used"] == 30
+    assert res["is_points"] == 10 and res["test_points"] == 40
+    explicit = run(tmp_path / "explicit", "--dataset", "mnist", "--data-dir", str(MNIST), "--flow", "none",
+                   "--subset", "30", "--epochs", "1", "--width", "0.125", "--valid-points", "45",
+                   "--test-points", "5", "--is-samples", "0")
+    assert explicit["data"]["valid_used"] == 45
+
+
+@needs_mnist
 def test_resume_continues_exactly(tmp_path):
     common = ["--dataset", "mnist", "--data-dir", str(MNIST), "--flow", "iaf", "--quick", "--subset", "60",
               "--batch-size", "20", "--is-samples", "0"]
