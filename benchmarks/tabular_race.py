@@ -1,0 +1,150 @@
+"""Tabular race: FFJORD against discrete flows on real tabular data at equal wall-time budgets.
+
+Data: a table from :mod:`pyro_ffjord.datasets.tabular` (default: scikit-learn's bundled
+breast-cancer table, 30-D, MAF's split and normalisation; ``--dataset power --data-dir data``
+for MAF's files). Contenders, each trained with Adam (lr 1e-3) on the same stream of batches
+for the same training time, in one run on one thread:
+
+- ``FFJORD(D)`` with every default, and with ``preset="fast"`` (exact trace in training);
+- Pyro's eight affine couplings and eight spline couplings (a permutation between layers);
+- zuko's MAF and NSF with their defaults.
+
+Every tenth of the budget each is scored on the validation and test splits (FFJORD in eval
+mode: exact trace, dopri5); the figure reported is the test NLL (nats) at the best validation
+NLL, as in the paper's protocol (early stopping), with the test NLL at the end beside it.
+
+    python benchmarks/tabular_race.py --seconds 60 --out benchmarks/results/tabular_race.json
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+
+from pyro_ffjord import runs
+from pyro_ffjord.datasets import tabular
+
+from common import OurFFJORD, backward, bench_parser, markdown_table, write_results
+
+
+class Discrete:
+    """A discrete flow on a standard normal base: Pyro transforms or a zuko flow."""
+
+    def __init__(self, name: str, dim: int, kind: str) -> None:
+        self.name = name
+        if kind in ("affine", "spline"):
+            make = T.affine_coupling if kind == "affine" else T.spline_coupling
+            layers = []
+            for i in range(8):
+                layers.append(make(dim, hidden_dims=[max(64, 4 * dim)] * 2))
+                if i < 7:
+                    layers.append(T.Permute(torch.randperm(dim)))
+            self.module = torch.nn.ModuleList([t for t in layers if isinstance(t, torch.nn.Module)])
+            base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
+            self.dist = lambda: dist.TransformedDistribution(base, layers)
+        else:
+            import zuko
+
+            self.module = (zuko.flows.MAF if kind == "maf" else zuko.flows.NSF)(dim)
+            self.dist = self.module
+
+    def loss(self, batch):
+        return -self.dist().log_prob(batch).mean()
+
+    def test_nll(self, data):
+        with torch.no_grad():
+            return -self.dist().log_prob(data).mean().item()
+
+
+def nll_se(contender, data) -> tuple:
+    """Mean NLL of ``data`` and its standard error (FFJORD: eval mode, exact)."""
+    if isinstance(contender, OurFFJORD):
+        contender.module.eval()
+        try:
+            with torch.no_grad():
+                lp = contender.dist.log_prob(data)
+        finally:
+            contender.module.train()
+    else:
+        with torch.no_grad():
+            lp = contender.dist().log_prob(data)
+    return float(-lp.mean()), float(lp.std() / math.sqrt(len(lp)))
+
+
+def race(contender, data, args) -> dict:
+    optimizer = torch.optim.Adam(contender.module.parameters(), lr=args.lr)
+    g = torch.Generator().manual_seed(args.seed)
+    marks = [args.seconds * (k + 1) / args.scores for k in range(args.scores)]
+    iters, spent, curve = 0, 0.0, []
+    while marks:
+        batch = data.train[torch.randint(len(data.train), (args.batch_size,), generator=g)]
+        t0 = time.perf_counter()
+        loss = contender.loss(batch)
+        optimizer.zero_grad()
+        backward(contender, loss)
+        optimizer.step()
+        spent += time.perf_counter() - t0
+        iters += 1
+        if spent >= marks[0] or not math.isfinite(loss.item()):
+            marks.pop(0)
+            valid, test = nll_se(contender, data.valid), nll_se(contender, data.test)
+            curve.append({"train_seconds": spent, "iterations": iters, "valid_nll": valid[0],
+                          "test_nll": test[0], "test_se": test[1]})
+            if not math.isfinite(loss.item()):
+                break
+    finite = [c for c in curve if math.isfinite(c["valid_nll"])]
+    best = min(finite, key=lambda c: c["valid_nll"]) if finite else curve[-1]
+    return {"name": contender.name, "iterations": iters, "train_seconds": spent,
+            "seconds_per_iteration": spent / iters, "params": sum(p.numel() for p in contender.module.parameters()),
+            "best_valid_nll": best["valid_nll"], "test_nll_at_best_valid": best["test_nll"],
+            "test_se_at_best_valid": best["test_se"], "best_at_seconds": best["train_seconds"],
+            "final_test_nll": curve[-1]["test_nll"], "curve": curve}
+
+
+def main(args):
+    torch.set_num_threads(args.threads or runs.free_cores())
+    data = tabular.load(args.dataset, args.data_dir)
+    dim = data.dim
+    contenders = [
+        lambda: OurFFJORD("FFJORD(D) default", dim=dim),
+        lambda: OurFFJORD('FFJORD(D, preset="fast")', dim=dim, preset="fast"),
+        lambda: Discrete("8 affine couplings (Pyro)", dim, "affine"),
+        lambda: Discrete("8 spline couplings (Pyro)", dim, "spline"),
+        lambda: Discrete("zuko MAF", dim, "maf"),
+        lambda: Discrete("zuko NSF", dim, "nsf"),
+    ]
+    rows = []
+    for make in contenders:
+        torch.manual_seed(args.seed)
+        row = race(make(), data, args)
+        rows.append(row)
+        print(f"{row['name']}: {row['iterations']} it, {1e3 * row['seconds_per_iteration']:.1f} ms/it, test NLL "
+              f"{row['test_nll_at_best_valid']:.3f} ± {row['test_se_at_best_valid']:.3f} at best valid "
+              f"({row['best_at_seconds']:.0f} s), final {row['final_test_nll']:.3f}", flush=True)
+    table = markdown_table(rows, {
+        "model": lambda r: r["name"], "ms/it": lambda r: f"{1e3 * r['seconds_per_iteration']:.1f}",
+        "iterations": lambda r: str(r["iterations"]), "params": lambda r: str(r["params"]),
+        "valid NLL (best)": lambda r: f"{r['best_valid_nll']:.3f}",
+        "test NLL at best valid": lambda r: f"{r['test_nll_at_best_valid']:.3f} ± {r['test_se_at_best_valid']:.3f}",
+        "at s": lambda r: f"{r['best_at_seconds']:.0f}", "final test NLL": lambda r: f"{r['final_test_nll']:.3f}",
+    })
+    print(table)
+    write_results("tabular_race", args, {"dataset": args.dataset, "dim": dim, "sizes": list(data.sizes),
+                                         "rows": rows, "table": table})
+
+
+def parser():
+    p = bench_parser(__doc__, out="", iters=0, batch_size=128, test_size=0)
+    p.add_argument("--dataset", default="breast_cancer", choices=tabular.NAMES)
+    p.add_argument("--data-dir", default=None, help="MAF's data/ folder (not needed for breast_cancer)")
+    p.add_argument("--seconds", type=float, default=60.0, help="training wall time per contender")
+    p.add_argument("--scores", type=int, default=10, help="validation/test scorings per contender")
+    return p
+
+
+if __name__ == "__main__":
+    main(parser().parse_args())
