@@ -210,7 +210,10 @@ class _FFJORDParams:
     config: FFJORDConfig
     _stats: SolveStats
 
-    def _init_params(self, input_dim: int, preset: Optional[str], options: dict, **net_kwargs) -> None:
+    def _init_params(self, input_dim: int, preset: Optional[str], options: dict,
+                     net_factory: Optional[Callable[..., nn.Module]] = None, **net_kwargs) -> None:
+        # net_factory(input_dim, hidden, **architecture, **net_kwargs) builds another field with
+        # ODENet's interface (the image flows' ConvODENet); default ODENet.
         if not (isinstance(input_dim, int) and not isinstance(input_dim, bool) and input_dim > 0):
             raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
         options = apply_preset(preset, {k: v for k, v in options.items() if v is not None})
@@ -218,7 +221,7 @@ class _FFJORDParams:
         hidden = options.pop("hidden_dims", default_hidden_dims(input_dim))  # ODENet checks it
         arch = {k: options.pop(k) for k in ARCH_DEFAULTS if k in options}
         self.config = FFJORDConfig.from_options(options)
-        self.net = ODENet(input_dim, hidden, **{**ARCH_DEFAULTS, **arch}, **net_kwargs)
+        self.net = (net_factory or ODENet)(input_dim, hidden, **{**ARCH_DEFAULTS, **arch}, **net_kwargs)
         log_T = torch.tensor(math.log(self.config.T))
         if self.config.train_T:
             self.log_T = nn.Parameter(log_T)
