@@ -19,6 +19,7 @@ vector-Jacobian products per function evaluation). At D = 8, 32, 64, with the de
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Dict
 
 import pyro.distributions as dist
@@ -68,7 +69,10 @@ def trace_ways(net: ODENet, z0: torch.Tensor) -> Dict[str, Callable[[], torch.Te
 
     def forward_mode():
         basis = torch.eye(dim).unsqueeze(1).expand(dim, *z0.shape)
-        with torch.no_grad():
+        # torch's forward-mode AD scripts its decompositions on first use with the deprecated
+        # torch.jit.script (torch 2.13): its warning, not ours
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             cols = vmap(lambda v: jvp(lambda z: net(t, z), (z0,), (v,))[1])(basis)  # cols[i] = df/dz_i
         return cols.diagonal(dim1=0, dim2=-1).sum(-1)
 

@@ -60,8 +60,16 @@ class Discrete:
             return -self.dist().log_prob(data).mean().item()
 
 
+def score(contender, data) -> tuple:
+    """Mean NLL of ``data`` and its standard error (FFJORD: eval mode, exact); NaN if the flow
+    cannot score it (non-finite parameters)."""
+    try:
+        return nll_se(contender, data)
+    except ValueError:
+        return math.nan, math.nan
+
+
 def nll_se(contender, data) -> tuple:
-    """Mean NLL of ``data`` and its standard error (FFJORD: eval mode, exact)."""
     if isinstance(contender, OurFFJORD):
         contender.module.eval()
         try:
@@ -79,30 +87,35 @@ def race(contender, data, args) -> dict:
     optimizer = torch.optim.Adam(contender.module.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
     marks = [args.seconds * (k + 1) / args.scores for k in range(args.scores)]
-    iters, spent, curve = 0, 0.0, []
+    iters, spent, curve, diverged = 0, 0.0, [], None
     while marks:
         batch = data.train[torch.randint(len(data.train), (args.batch_size,), generator=g)]
         t0 = time.perf_counter()
-        loss = contender.loss(batch)
+        try:  # a flow whose parameters went non-finite fails Pyro's support check: it diverged
+            loss = contender.loss(batch)
+            if not math.isfinite(loss.item()):
+                raise ValueError(f"loss {loss.item()}")
+        except ValueError as exc:
+            diverged = {"iteration": iters + 1, "train_seconds": spent, "error": str(exc).splitlines()[0][:200]}
+            break
         optimizer.zero_grad()
         backward(contender, loss)
         optimizer.step()
         spent += time.perf_counter() - t0
         iters += 1
-        if spent >= marks[0] or not math.isfinite(loss.item()):
+        if spent >= marks[0]:
             marks.pop(0)
-            valid, test = nll_se(contender, data.valid), nll_se(contender, data.test)
+            valid, test = score(contender, data.valid), score(contender, data.test)
             curve.append({"train_seconds": spent, "iterations": iters, "valid_nll": valid[0],
                           "test_nll": test[0], "test_se": test[1]})
-            if not math.isfinite(loss.item()):
-                break
+    nan = {"train_seconds": spent, "valid_nll": math.nan, "test_nll": math.nan, "test_se": math.nan}
     finite = [c for c in curve if math.isfinite(c["valid_nll"])]
-    best = min(finite, key=lambda c: c["valid_nll"]) if finite else curve[-1]
-    return {"name": contender.name, "iterations": iters, "train_seconds": spent,
-            "seconds_per_iteration": spent / iters, "params": sum(p.numel() for p in contender.module.parameters()),
+    best = min(finite, key=lambda c: c["valid_nll"]) if finite else nan
+    return {"name": contender.name, "iterations": iters, "train_seconds": spent, "diverged": diverged,
+            "seconds_per_iteration": spent / max(iters, 1), "params": sum(p.numel() for p in contender.module.parameters()),
             "best_valid_nll": best["valid_nll"], "test_nll_at_best_valid": best["test_nll"],
             "test_se_at_best_valid": best["test_se"], "best_at_seconds": best["train_seconds"],
-            "final_test_nll": curve[-1]["test_nll"], "curve": curve}
+            "final_test_nll": (curve[-1] if curve else nan)["test_nll"], "curve": curve}
 
 
 def main(args):
@@ -122,7 +135,8 @@ def main(args):
         torch.manual_seed(args.seed)
         row = race(make(), data, args)
         rows.append(row)
-        print(f"{row['name']}: {row['iterations']} it, {1e3 * row['seconds_per_iteration']:.1f} ms/it, test NLL "
+        print(f"{row['name']}: {row['iterations']} it" + (f" (diverged: {row['diverged']['error']})"
+              if row["diverged"] else "") + f", {1e3 * row['seconds_per_iteration']:.1f} ms/it, test NLL "
               f"{row['test_nll_at_best_valid']:.3f} ± {row['test_se_at_best_valid']:.3f} at best valid "
               f"({row['best_at_seconds']:.0f} s), final {row['final_test_nll']:.3f}", flush=True)
     table = markdown_table(rows, {
@@ -131,6 +145,7 @@ def main(args):
         "valid NLL (best)": lambda r: f"{r['best_valid_nll']:.3f}",
         "test NLL at best valid": lambda r: f"{r['test_nll_at_best_valid']:.3f} ± {r['test_se_at_best_valid']:.3f}",
         "at s": lambda r: f"{r['best_at_seconds']:.0f}", "final test NLL": lambda r: f"{r['final_test_nll']:.3f}",
+        "diverged at iteration": lambda r: str(r["diverged"]["iteration"]) if r["diverged"] else "",
     })
     print(table)
     write_results("tabular_race", args, {"dataset": args.dataset, "dim": dim, "sizes": list(data.sizes),

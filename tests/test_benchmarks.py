@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+import torch
 
 import common
 import fit_8gaussians
@@ -109,3 +110,59 @@ def test_svi_race_smoke(tmp_path):
         (t, g) for t in svi_race.TARGETS for g in svi_race.GUIDES}
     for row in saved["rows"]:
         assert finite(row["kl"], row["kl_se"], row["train_seconds"], row["x_spline_time"])
+
+
+def test_exact_eval_smoke(tmp_path):
+    import exact_eval
+
+    out = tmp_path / "exact.json"
+    exact_eval.main(exact_eval.parser().parse_args(
+        ["--dims", "3", "--batch-size", "20", "--min-seconds", "0.01", "--out", str(out)]))
+    saved = json.loads(out.read_text())
+    check_header(saved, "exact_eval")
+    ways = {r["way"] for r in saved["rows"]}
+    assert {"library default", "D VJPs in one vmap pass (before)", "forward mode (vmap jvp)", "zuko MAF"} <= ways
+    for row in saved["rows"]:
+        assert finite(row["ms_per_point"], row["x_fastest_exact"]) and row["ms_per_point"] > 0
+
+
+def test_tabular_race_smoke(tmp_path):
+    import tabular_race
+
+    out = tmp_path / "tabular.json"
+    tabular_race.main(tabular_race.parser().parse_args(
+        ["--seconds", "0.2", "--scores", "2", "--batch-size", "16", "--out", str(out)]))
+    saved = json.loads(out.read_text())
+    check_header(saved, "tabular_race")
+    assert saved["dim"] == 30 and len(saved["rows"]) == 6
+    for row in saved["rows"]:
+        assert row["iterations"] >= 1 and len(row["curve"]) == 2 and not row["diverged"]
+        assert finite(row["test_nll_at_best_valid"], row["best_valid_nll"])
+
+
+def test_tabular_race_records_a_diverged_flow(tmp_path):
+    import tabular_race
+    from pyro_ffjord.datasets import tabular
+
+    class Diverging(tabular_race.Discrete):
+        def loss(self, batch):
+            with torch.no_grad():
+                for p in self.module.parameters():
+                    p.fill_(float("nan"))
+            return super().loss(batch)
+
+    args = tabular_race.parser().parse_args(["--seconds", "0.2", "--scores", "2", "--out", ""])
+    row = tabular_race.race(Diverging("nan", 30, "affine"), tabular.load("breast_cancer"), args)
+    assert row["diverged"]["iteration"] == 1 and row["iterations"] == 0
+    assert math.isnan(row["test_nll_at_best_valid"])
+
+
+def test_threads_smoke(tmp_path):
+    import threads
+
+    out = tmp_path / "threads.json"
+    threads.main(threads.parser().parse_args(["--dims", "2", "--seconds", "0.05", "--out", str(out)]))
+    saved = json.loads(out.read_text())
+    check_header(saved, "threads")
+    (row,) = saved["rows"]
+    assert row["dim"] == 2 and finite(row["ms_1_thread"], row["ms_2_threads"], row["speedup_2_over_1"])
