@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: the contenders, their lever variants, NFE counting, and the
-command line and results file every benchmark has (machine facts from :mod:`pyro_ffjord.runs`).
+"""Shared pieces of the benchmarks: the contenders (FFJORD's, zuko's CNF, the discrete flows),
+their lever variants, NFE counting, and the command line and results file every benchmark has
+(machine facts from :mod:`pyro_ffjord.runs`).
 
 A contender wraps one density model behind the same three calls (``loss``, ``test_nll``,
 ``nfe``) so that every benchmark compares them side by side in one run.
@@ -12,6 +13,7 @@ from typing import Callable, Dict
 
 import torch
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 
 from pyro_ffjord import FFJORD, runs
 
@@ -154,6 +156,44 @@ class ZukoCNF(Contender):
 
     def _nfe_raw(self):
         return dict(self.calls)
+
+
+class Discrete:
+    """A discrete flow on a standard normal base, trained like a :class:`Contender` (no NFE).
+
+    ``kind``: ``"affine"`` (or ``"coupling"``) and ``"spline"``, Pyro's eight couplings of that
+    kind with hidden layers ``[max(64, 4 D)] * 2`` and a random permutation between each;
+    ``"maf"`` and ``"nsf"``, zuko's flow with its defaults.
+    """
+
+    KINDS = ("affine", "coupling", "spline", "maf", "nsf")
+
+    def __init__(self, name: str, dim: int, kind: str) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"kind={kind!r}; choose one of {self.KINDS}")
+        self.name = name
+        if kind in ("affine", "coupling", "spline"):
+            make = T.spline_coupling if kind == "spline" else T.affine_coupling
+            layers = []
+            for i in range(8):
+                layers.append(make(dim, hidden_dims=[max(64, 4 * dim)] * 2))
+                if i < 7:
+                    layers.append(T.Permute(torch.randperm(dim)))
+            self.module = torch.nn.ModuleList([t for t in layers if isinstance(t, torch.nn.Module)])
+            base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
+            self.dist = lambda: dist.TransformedDistribution(base, layers)
+        else:
+            import zuko
+
+            self.module = (zuko.flows.MAF if kind == "maf" else zuko.flows.NSF)(dim)
+            self.dist = self.module
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return -self.dist().log_prob(batch).mean()
+
+    def test_nll(self, data: torch.Tensor, chunk: int = 1000) -> float:
+        with torch.no_grad():
+            return -torch.cat([self.dist().log_prob(c) for c in data.split(chunk)]).mean().item()
 
 
 def backward(contender: Contender, loss: torch.Tensor) -> None:

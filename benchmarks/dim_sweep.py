@@ -20,14 +20,12 @@ from __future__ import annotations
 import os
 import time
 
-import pyro.distributions as dist
-import pyro.distributions.transforms as T
 import torch
 
 from pyro_ffjord import runs
 from pyro_ffjord.datasets import mnist, toy
 
-from common import OurFFJORD, backward, bench_parser, markdown_table, write_results
+from common import Discrete, OurFFJORD, backward, bench_parser, markdown_table, write_results
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 
@@ -51,34 +49,6 @@ def realistic(dim: int, n_test: int, data_dir: str, seed: int):
     train, test = (train - mean) @ project, (test - mean) @ project
     scale = train.std(0)
     return (train / scale).float(), (test / scale).float()
-
-
-class Discrete:
-    """A discrete flow over a standard normal: Pyro transforms or a zuko flow."""
-
-    def __init__(self, name: str, dim: int, kind: str) -> None:
-        self.name = name
-        if kind == "coupling":
-            layers = []
-            for i in range(8):
-                layers.append(T.affine_coupling(dim, hidden_dims=[max(64, 4 * dim)] * 2))
-                if i < 7:
-                    layers.append(T.Permute(torch.randperm(dim)))
-            self.module = torch.nn.ModuleList([t for t in layers if isinstance(t, torch.nn.Module)])
-            base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
-            self.dist = lambda: dist.TransformedDistribution(base, layers)
-        else:
-            import zuko
-
-            self.module = zuko.flows.MAF(dim)
-            self.dist = self.module
-
-    def loss(self, batch):
-        return -self.dist().log_prob(batch).mean()
-
-    def test_nll(self, data):
-        with torch.no_grad():
-            return -torch.cat([self.dist().log_prob(c) for c in data.split(1000)]).mean().item()
 
 
 def run(contender, train, test, args) -> dict:

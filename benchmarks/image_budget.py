@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import image_model as model  # noqa: E402  (the example's configurations, data and score)
 from common import bench_parser, markdown_table, write_results  # noqa: E402
+from density_common import save_figure  # noqa: E402
 from pyro_ffjord import bits_per_dim, dequantize, runs  # noqa: E402
 
 TRAIN_IMAGES, PAPER_BATCH = 50_000, 200
@@ -115,10 +116,7 @@ def plot(path: str, rows, title: str) -> None:
     ax.set(xlabel="training time (s; scoring excluded)", ylabel="test bits/dim (Hutchinson, ± se)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(args):

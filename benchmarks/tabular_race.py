@@ -21,43 +21,12 @@ from __future__ import annotations
 import math
 import time
 
-import pyro.distributions as dist
-import pyro.distributions.transforms as T
 import torch
 
 from pyro_ffjord import runs
 from pyro_ffjord.datasets import tabular
 
-from common import OurFFJORD, backward, bench_parser, markdown_table, write_results
-
-
-class Discrete:
-    """A discrete flow on a standard normal base: Pyro transforms or a zuko flow."""
-
-    def __init__(self, name: str, dim: int, kind: str) -> None:
-        self.name = name
-        if kind in ("affine", "spline"):
-            make = T.affine_coupling if kind == "affine" else T.spline_coupling
-            layers = []
-            for i in range(8):
-                layers.append(make(dim, hidden_dims=[max(64, 4 * dim)] * 2))
-                if i < 7:
-                    layers.append(T.Permute(torch.randperm(dim)))
-            self.module = torch.nn.ModuleList([t for t in layers if isinstance(t, torch.nn.Module)])
-            base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
-            self.dist = lambda: dist.TransformedDistribution(base, layers)
-        else:
-            import zuko
-
-            self.module = (zuko.flows.MAF if kind == "maf" else zuko.flows.NSF)(dim)
-            self.dist = self.module
-
-    def loss(self, batch):
-        return -self.dist().log_prob(batch).mean()
-
-    def test_nll(self, data):
-        with torch.no_grad():
-            return -self.dist().log_prob(data).mean().item()
+from common import Discrete, OurFFJORD, backward, bench_parser, markdown_table, write_results
 
 
 def score(contender, data) -> tuple:

@@ -49,8 +49,8 @@ import time
 import numpy as np
 import pyro
 import torch
-from tqdm import tqdm
 
+import density_common as common
 import image_model as model
 from pyro_ffjord import bits_per_dim, dequantize, runs
 
@@ -75,79 +75,44 @@ def main(args) -> dict:
     optimizer = torch.optim.Adam(flow.parameters(), lr=args.lr)
 
     training = runs.Training(args, out / "checkpoint.pt", runs.run_config(args, free=FREE))
-    state = dict(iteration=0, losses=[], clock=[], nfe=[], nfe_backward=[], history=[], best_valid=math.inf,
-                 best_iteration=None, best_model=None, training_solves=[0] * len(flow.flows))
-    ck = training.resume()  # restores the random state; refuses a checkpoint of other options
-    if ck is not None:
-        flow.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        state.update((k, ck[k]) for k in state)
-        for f, solves in zip(flow.flows, state["training_solves"]):  # the drift checks' schedule
-            f.stats.training_solves = solves
+    state = common.new_state(flow.flows, nfe=[], nfe_backward=[])
+    common.resume(training, flow, flow.flows, optimizer, state)  # refuses a checkpoint of other options
+    checkpoint = common.checkpointer(state, flow, flow.flows, optimizer)
+    indices = common.epoch_batches(len(train), args.batch_size, args.seed)
 
-    def checkpoint() -> dict:
-        state["training_solves"] = [f.stats.training_solves for f in flow.flows]
-        return dict(state, model=flow.state_dict(), optimizer=optimizer.state_dict())
-
-    per_epoch, order = math.ceil(len(train) / args.batch_size), {}
-
-    def batch(it: int) -> torch.Tensor:  # epoch e's shuffle depends on (seed, e) only: nothing to save
-        epoch, k = divmod(it, per_epoch)
-        if epoch not in order:
-            order.clear()
-            order[epoch] = torch.from_numpy(np.random.default_rng([args.seed, epoch]).permutation(len(train)))
-        return dequantize(train[order[epoch][k * args.batch_size : (k + 1) * args.batch_size]]).to(device)
+    def batch(it: int) -> torch.Tensor:  # fresh dequantization noise every batch
+        return dequantize(train[indices(it)]).to(device)
 
     def validate(done: int) -> None:
         with training.paused():  # not training time
             v = model.score(flow, density, valid, args.probes, args.eval_batch_size)
         state["history"].append(dict(iteration=done, seconds=training.elapsed(), valid_bpd=v["bpd"],
                                      valid_se=v["se"], nfe_per_solve=v["nfe_per_solve"]))
-        if v["bpd"] < state["best_valid"]:
-            best = {k: t.detach().clone() if torch.is_tensor(t) else t for k, t in flow.state_dict().items()}
-            state.update(best_valid=v["bpd"], best_iteration=done, best_model=best)
+        common.keep_if_best(state, flow, v["bpd"], done)
 
-    budget = 60.0 * args.max_minutes
-    out_of_time = lambda: budget > 0 and training.elapsed() >= budget  # noqa: E731
+    def step(it: int) -> float:  # one Adam step on iteration it's batch
+        for group in optimizer.param_groups:  # the reference's linear warm-up
+            group["lr"] = args.lr * min(1.0, (it + 1) / args.warmup_iters) if args.warmup_iters else args.lr
+        loss = bits_per_dim(density.log_prob(batch(it)), model.NUM_DIMS).mean()
+        optimizer.zero_grad()
+        (loss + flow.regularization).backward()
+        optimizer.step()
+        state["nfe"].append([f.nfe_forward for f in flow.flows])
+        state["nfe_backward"].append(sum(f.nfe_backward for f in flow.flows))  # adjoint solves
+        return loss.item()
+
+    def progress() -> dict:
+        return dict(bpd=f"{state['losses'][-1]:.3f}", valid=f"{state['best_valid']:.3f}", nfe=sum(state["nfe"][-1]))
+
     start = state["iteration"]
     flow.train()
-    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc=f"mnist {args.config}",
-               disable=args.no_progress, dynamic_ncols=True)
-    with training.loop(start):
-        for it in bar:
-            if out_of_time():
-                break
-            for group in optimizer.param_groups:  # the reference's linear warm-up
-                group["lr"] = args.lr * min(1.0, (it + 1) / args.warmup_iters) if args.warmup_iters else args.lr
-            loss = bits_per_dim(density.log_prob(batch(it)), model.NUM_DIMS).mean()
-            optimizer.zero_grad()
-            (loss + flow.regularization).backward()
-            optimizer.step()
-            state["iteration"] = done = it + 1
-            state["losses"].append(loss.item())
-            state["clock"].append(training.elapsed())
-            state["nfe"].append([f.nfe_forward for f in flow.flows])
-            state["nfe_backward"].append(sum(f.nfe_backward for f in flow.flows))  # adjoint solves
-            if done % args.valid_every == 0:
-                validate(done)
-            bar.set_postfix(bpd=f"{state['losses'][-1]:.3f}", valid=f"{state['best_valid']:.3f}",
-                            nfe=sum(state["nfe"][-1]), refresh=False)
-            every = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-            training.step(done, checkpoint, due=every or done == args.iters or out_of_time())
-        if not training.path.exists():  # --iters 0: still leave a checkpoint
-            training.save(state["iteration"], checkpoint)
-    bar.close()
+    stopped = common.run_training(args, training, state, checkpoint, step, validate, f"mnist {args.config}", progress)
     done = state["iteration"]
-    stopped = "iters" if done >= args.iters else "max_minutes"
 
     # Test the best model on validation; the last iterate competes if it was never validated.
-    best_valid, best_iteration = state["best_valid"], state["best_iteration"]
-    if not state["history"] or state["history"][-1]["iteration"] != done:
-        last = model.score(flow, density, valid, args.probes, args.eval_batch_size)["bpd"]
-        if last < best_valid or best_iteration is None:
-            best_valid, best_iteration = last, done
-    if best_iteration != done and state["best_model"] is not None:
-        flow.load_state_dict(state["best_model"])
+    best_valid, best_iteration = common.load_best(
+        state, flow, done, lambda: model.score(flow, density, valid, args.probes, args.eval_batch_size)["bpd"],
+        last_by_default=True)
     t_eval = time.perf_counter()
     res = model.score(flow, density, test, args.probes, args.eval_batch_size)
     eval_seconds = time.perf_counter() - t_eval
@@ -155,8 +120,10 @@ def main(args) -> dict:
     title = (f"FFJORD on MNIST ({args.config}), {done} iterations, {training.describe()}: test "
              f"{res['bpd']:.3f} ± {res['se']:.3f} bits/dim (paper {model.PAPER_BPD})")
     model.save_samples(os.path.join(args.out, "samples.png"), flow, density, args.samples, title)
-    model.plot_curve(os.path.join(args.out, "bpd_curve.png"), state["clock"], state["losses"], state["history"],
-                     title, best_iteration)
+    common.plot_learning_curves(os.path.join(args.out, "bpd_curve.png"), state["clock"], state["losses"],
+                                state["history"], "valid_bpd", title, best_iteration, ylabel="bits/dim",
+                                train_label="training batch (training solver)", valid_label="validation (dopri5)",
+                                reference=(f"paper ({model.PAPER_BPD})", model.PAPER_BPD))
     nfe = np.array(state["nfe"] or [[0] * len(flow.flows)], dtype=float)
     results = {
         "dataset": args.dataset, "config": args.config, "image_shape": list(model.IMAGE_SHAPE),
@@ -196,14 +163,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", choices=model.CONFIGS, default="paper",
                    help="paper: the reference's MNIST run; fast: the same model, fixed rk4 steps and RNODE")
     t = p.add_argument_group("training")
-    t.add_argument("--iters", type=whole, default=None, help="at most this many (default 100000; --quick 6)")
-    t.add_argument("--max-minutes", type=weight, default=0.0, help="training-time budget (0: none)")
+    common.add_training_args(t, FULL, QUICK, checkpoint_every=500)
     t.add_argument("--subset", type=count, default=None, help="train on the first N training images")
     t.add_argument("--batch-size", type=count, default=None, help="default 200 (--quick 8)")
     t.add_argument("--lr", type=rate, default=model.TRAINING["lr"], help="Adam, after the warm-up")
     t.add_argument("--warmup-iters", type=whole, default=None, help="linear lr warm-up (default 1000; --quick 2)")
-    t.add_argument("--valid-every", type=count, default=None, help="iterations (default 1000; --quick 3)")
-    t.add_argument("--checkpoint-every", type=whole, default=500, help="iterations (0: by minutes and Ctrl-C)")
     f = p.add_argument_group("flow (overrides of --config)")
     f.add_argument("--hidden", type=count, nargs="+", default=None, help="channels of each field (--quick 8)")
     f.add_argument("--scales", type=count, default=None, help="default 3 for 28x28 (--quick 2)")
@@ -220,10 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--samples", type=count, default=None, help="images in samples.png (default 64; --quick 16)")
     runs.add_run_args(p, out=None, resume=True, threads=None, out_note="out/image/mnist-<config>",
                       threads_note="64-channel convolutions on batches of 200 use every core")
-    args = runs.parse(p, argv)
-    if args.out is None:  # a --quick run keeps its own folder
-        out = os.path.join("out", "image", f"{args.dataset}-{args.config}")
-        args.out = runs.quick_out(out) if args.quick else out
+    args = common.parse(p, argv, out="out/image/{dataset}-{config}")
     runs.fill_defaults(args, {**{k: None for k in QUICK}, **FULL, **model.TRAINING}, QUICK)
     return args
 

@@ -1,6 +1,6 @@
 r"""The pieces of ``examples/image_density.py`` that are not its training loop: MNIST as 8-bit
 pixels (a missing file as a clear error), the multiscale flow of each ``--config``, the
-bits/dim score and the two pictures.
+bits/dim score and the grid of samples (the learning curve is ``density_common``'s).
 
 The score (:func:`score`). Test and validation images are dequantized once, with a fixed seed
 (:data:`TEST_SEED`, :data:`VALID_SEED`), and scored in eval mode (dopri5 at the configuration's
@@ -34,6 +34,7 @@ import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from density_common import save_figure  # noqa: E402
 from pyro_ffjord import MultiscaleFFJORD, bits_per_dim, runs  # noqa: E402
 from pyro_ffjord.config import is_adaptive  # noqa: E402
 from pyro_ffjord.datasets import mnist  # noqa: E402
@@ -197,37 +198,7 @@ def save_samples(path: str, flow: MultiscaleFFJORD, density, n: int, title: str)
     fig, ax = plt.subplots(figsize=(6, 6.4))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set(xticks=[], yticks=[])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_curve(path: str, clock: Sequence[float], losses: Sequence[float], history: Sequence[Mapping[str, Any]],
-               title: str, best_iteration: Optional[int] = None) -> None:
-    """Training-batch bits/dim (the training estimator) and validation bits/dim against training time."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    values = [v for v in losses if math.isfinite(v)]
-    if losses:
-        ax.plot(clock, losses, lw=0.6, alpha=0.5, color="C0", label="training batch (training solver)")
-    valid = [(h["seconds"], h["valid_bpd"], h["iteration"]) for h in history if math.isfinite(h["valid_bpd"])]
-    if valid:
-        ax.plot([v[0] for v in valid], [v[1] for v in valid], "o-", ms=3, color="C1", label="validation (dopri5)")
-        best = [v for v in valid if v[2] == best_iteration]
-        if best:
-            ax.plot(best[0][0], best[0][1], "*", ms=12, color="C3", label=f"best (iteration {best_iteration})")
-        values += [v[1] for v in valid]
-    ax.axhline(PAPER_BPD, color="k", ls=":", lw=1, label=f"paper ({PAPER_BPD})")
-    if values:  # a wild first batch must not flatten the rest of the curve
-        low, high = min(values + [PAPER_BPD]), max([float(np.quantile(values, 0.95))] + [v[1] for v in valid])
-        ax.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
-    ax.set(xlabel="training time (s; validation and checkpoints excluded)", ylabel="bits/dim")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=9)
 
 
 def default_data_dir() -> str:

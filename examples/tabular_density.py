@@ -50,11 +50,10 @@ import math
 import os
 import time
 
-import numpy as np
 import pyro
 import torch
-from tqdm import tqdm
 
+import density_common as common
 import tabular_model as model
 from pyro_ffjord import runs
 from pyro_ffjord.datasets import tabular
@@ -104,38 +103,19 @@ def main(args) -> dict:
     optimizer = torch.optim.Adam(flows.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     training = runs.Training(args, out / "checkpoint.pt", runs.run_config(args, free=FREE))
-    state = dict(iteration=0, losses=[], clock=[], history=[], best_valid=math.inf, best_iteration=None,
-                 best_model=None, bad=0, decays=0, stopped=None, training_solves=[0] * blocks)
-    ck = training.resume()  # restores the random state; refuses a checkpoint of other options
-    if ck is not None:
-        flows.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        state.update((k, ck[k]) for k in state)
-        for flow, solves in zip(flows, state["training_solves"]):  # the drift checks' schedule
-            flow.stats.training_solves = solves
+    state = common.new_state(flows, bad=0, decays=0, stopped=None)  # bad: validations without gain
+    common.resume(training, flows, flows, optimizer, state)  # refuses a checkpoint of other options
+    checkpoint = common.checkpointer(state, flows, flows, optimizer)
+    indices = common.epoch_batches(len(train), args.batch_size, args.seed)
 
-    def checkpoint() -> dict:
-        state["training_solves"] = [flow.stats.training_solves for flow in flows]
-        return dict(state, model=flows.state_dict(), optimizer=optimizer.state_dict())
-
-    per_epoch, order = math.ceil(len(train) / args.batch_size), {}
-
-    def batch(it: int) -> torch.Tensor:  # epoch e's shuffle depends on (seed, e) only: nothing to save
-        epoch, k = divmod(it, per_epoch)
-        if epoch not in order:
-            order.clear()
-            order[epoch] = torch.from_numpy(np.random.default_rng([args.seed, epoch]).permutation(len(train)))
-        return train[order[epoch][k * args.batch_size : (k + 1) * args.batch_size].to(device)]
+    def batch(it: int) -> torch.Tensor:
+        return train[indices(it).to(device)]
 
     def validate(done: int) -> None:
         with training.paused():  # not training time
             v = model.score(flows, density, valid, args.eval_batch_size)
         state["history"].append(dict(iteration=done, seconds=training.elapsed(), valid_nll=v["nll"], nfe=v["nfe"]))
-        if v["nll"] < state["best_valid"]:
-            best = {k: t.detach().clone() if torch.is_tensor(t) else t for k, t in flows.state_dict().items()}
-            state.update(best_valid=v["nll"], best_iteration=done, best_model=best, bad=0)
-        else:
-            state["bad"] += 1
+        state["bad"] = 0 if common.keep_if_best(state, flows, v["nll"], done) else state["bad"] + 1
         third = args.patience // 3  # the reference's schedule: lr / 10, then lr / 100
         state["decays"] = max(state["decays"], 2 if state["bad"] > 2 * third else int(state["bad"] > third))
         for group in optimizer.param_groups:
@@ -143,42 +123,27 @@ def main(args) -> dict:
         if state["bad"] > args.patience:
             state["stopped"] = "patience"
 
-    budget = 60.0 * args.max_minutes
-    out_of_time = lambda: budget > 0 and training.elapsed() >= budget  # noqa: E731
+    def step(it: int) -> float:  # one Adam step on iteration it's batch
+        loss = -density.log_prob(batch(it)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def progress() -> dict:
+        return dict(loss=f"{state['losses'][-1]:.3f}", valid=f"{state['best_valid']:.3f}",
+                    nfe=sum(f.nfe_forward for f in flows))
+
     start = state["iteration"]
     flows.train()
-    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc=f"{args.dataset} {args.config}",
-               disable=args.no_progress, dynamic_ncols=True)
-    with training.loop(start):
-        for it in bar:
-            if state["stopped"] or out_of_time():
-                break
-            loss = -density.log_prob(batch(it)).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            state["iteration"] = done = it + 1
-            state["losses"].append(loss.item())
-            state["clock"].append(training.elapsed())
-            if done % args.valid_every == 0:
-                validate(done)
-            bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", valid=f"{state['best_valid']:.3f}",
-                            nfe=sum(f.nfe_forward for f in flows), refresh=False)
-            every = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-            training.step(done, checkpoint, due=every or done == args.iters or bool(state["stopped"]) or out_of_time())
-        if not training.path.exists():  # --iters 0: still leave a checkpoint
-            training.save(state["iteration"], checkpoint)
-    bar.close()
-    stopped = state["stopped"] or ("iters" if state["iteration"] >= args.iters else "max_minutes")
+    ended = common.run_training(args, training, state, checkpoint, step, validate, f"{args.dataset} {args.config}",
+                                progress, stopped=lambda: bool(state["stopped"]))
+    stopped = state["stopped"] or ended  # early stopping, else iters or max_minutes
 
     # Test the best model on validation; the last iterate competes if it was never validated.
-    best_valid, best_iteration, done = state["best_valid"], state["best_iteration"], state["iteration"]
-    if done and (not state["history"] or state["history"][-1]["iteration"] != done):
-        last = model.score(flows, density, valid, args.eval_batch_size)["nll"]
-        if last < best_valid:
-            best_valid, best_iteration = last, done
-    if best_iteration != done and state["best_model"] is not None:
-        flows.load_state_dict(state["best_model"])
+    done = state["iteration"]
+    score_last = (lambda: model.score(flows, density, valid, args.eval_batch_size)["nll"]) if done else None
+    best_valid, best_iteration = common.load_best(state, flows, done, score_last)
     t_eval = time.perf_counter()
     res = model.score(flows, density, test, args.eval_batch_size)
     eval_seconds = time.perf_counter() - t_eval
@@ -186,8 +151,10 @@ def main(args) -> dict:
     paper_nll = PAPER_NLL[args.dataset]
     title = (f"FFJORD on {args.dataset} ({args.config}), {done} iterations, {training.describe()}: test NLL "
              f"{res['nll']:.3f} nats" + ("" if paper_nll is None else f" (paper {paper_nll})"))
-    model.plot_curves(os.path.join(args.out, "nll_curve.png"), state["clock"], state["losses"], state["history"],
-                      title, best_iteration)
+    common.plot_learning_curves(os.path.join(args.out, "nll_curve.png"), state["clock"], state["losses"],
+                                state["history"], "valid_nll", title, best_iteration, ylabel="NLL (nats)",
+                                train_label="training batch NLL", running_mean=True,
+                                valid_label="validation NLL (exact trace, adaptive solver)")
     results = {
         "dataset": args.dataset, "config": args.config, "dim": data.dim,
         "data": dict(source=data.source, sizes=list(data.sizes), valid_points=len(valid), **data.info),
@@ -219,14 +186,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", choices=model.CONFIGS, default="paper",
                    help="paper: the reference configuration (PAPER); default: FFJORD(D); fast: preset='fast'")
     t = p.add_argument_group("training")
-    t.add_argument("--iters", type=whole, default=None, help="at most this many (default 100000; --quick 30)")
-    t.add_argument("--max-minutes", type=weight, default=0.0, help="training-time budget (0: none)")
+    common.add_training_args(t, FULL, QUICK, checkpoint_every=1000)
     t.add_argument("--batch-size", type=count, default=None, help="default: the data set's (PAPER); --quick 64")
     t.add_argument("--lr", type=rate, default=None, help="Adam (default: the data set's, PAPER)")
     t.add_argument("--weight-decay", type=weight, default=COMMON["weight_decay"])
-    t.add_argument("--valid-every", type=count, default=None, help="iterations (default 200; --quick 10)")
     t.add_argument("--patience", type=whole, default=COMMON["patience"], help="validations without gain")
-    t.add_argument("--checkpoint-every", type=whole, default=1000, help="iterations (0: by minutes and Ctrl-C)")
     f = p.add_argument_group("flow (overrides of --config)")
     f.add_argument("--num-blocks", type=count, default=None, help="default: the config's (--quick: at most 2)")
     f.add_argument("--width", type=count, default=None, help="every hidden layer (--quick 16)")
@@ -237,10 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--eval-batch-size", type=count, default=1000, help="points per evaluation solve")
     runs.add_run_args(p, out=None, resume=True, threads=None, out_note="out/tabular/<dataset>-<config>",
                       threads_note="the reference fields are 10-20 x D wide, batches 1000-10000")
-    args = runs.parse(p, argv)
-    if args.out is None:  # a --quick run keeps its own folder
-        out = os.path.join("out", "tabular", f"{args.dataset}-{args.config}")
-        args.out = runs.quick_out(out) if args.quick else out
+    args = common.parse(p, argv, out="out/tabular/{dataset}-{config}")
     runs.fill_defaults(args, FULL, QUICK)
     args.batch_size = args.batch_size or PAPER[args.dataset]["batch_size"]
     args.lr = args.lr or PAPER[args.dataset]["lr"]

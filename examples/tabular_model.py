@@ -1,24 +1,20 @@
 """The pieces of ``examples/tabular_density.py`` that are not its training loop: the data (a
-missing file as a clear error), the FFJORD options of each ``--config``, the stacked density,
-its exact-trace score and the picture of the learning curves."""
+missing file as a clear error), the FFJORD options of each ``--config``, the stacked density
+and its exact-trace score. The learning-curve picture is ``density_common``'s."""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyro.distributions as dist  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
 
-from pyro_ffjord import FFJORD, runs  # noqa: E402
-from pyro_ffjord.config import default_hidden_dims  # noqa: E402
-from pyro_ffjord.datasets import tabular  # noqa: E402
-from pyro_ffjord.datasets.files import DatasetFileError  # noqa: E402
+from pyro_ffjord import FFJORD, runs
+from pyro_ffjord.config import default_hidden_dims
+from pyro_ffjord.datasets import tabular
+from pyro_ffjord.datasets.files import DatasetFileError
 
 CONFIGS = ("paper", "default", "fast")
 QUICK_MAX_BLOCKS = 2  # --quick keeps a stack (two blocks at most) so that stacking is exercised
@@ -120,35 +116,3 @@ def score(flows: nn.ModuleList, density: dist.TransformedDistribution, points: T
     lp = torch.cat(logps)
     return {"nll": float(-lp.mean()), "se": float(lp.std() / math.sqrt(len(lp))) if len(lp) > 1 else 0.0,
             "finite": bool(torch.isfinite(lp).all()), "nfe": sum(nfes) / len(nfes)}
-
-
-def plot_curves(path: str, clock: Sequence[float], losses: Sequence[float], history: Sequence[Mapping[str, Any]],
-                title: str, best_iteration: Optional[int] = None) -> None:
-    """Training (each batch, and a running mean) and validation NLL against training time."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    values = [v for v in losses if math.isfinite(v)]
-    if losses:
-        ax.plot(clock, losses, lw=0.5, alpha=0.35, color="C0", label="training batch NLL")
-        window = max(1, len(losses) // 50)
-        if window > 1:
-            mean = np.convolve(losses, np.ones(window) / window, mode="valid")
-            ax.plot(clock[window - 1:], mean, color="C0", label=f"training, mean of {window} batches")
-    valid = [(h["seconds"], h["valid_nll"], h["iteration"]) for h in history if math.isfinite(h["valid_nll"])]
-    if valid:
-        ax.plot([v[0] for v in valid], [v[1] for v in valid], "o-", ms=3, color="C1",
-                label="validation NLL (exact trace, adaptive solver)")
-        best = [v for v in valid if v[2] == best_iteration]
-        if best:
-            ax.plot(best[0][0], best[0][1], "*", ms=12, color="C3", label=f"best (iteration {best_iteration})")
-        values += [v[1] for v in valid]
-    if values:  # a diverged first batch must not flatten the rest of the curve
-        low, high = min(values), max([float(np.quantile(values, 0.95))] + [v[1] for v in valid])
-        pad = 0.05 * (high - low) if high > low else 1.0
-        ax.set_ylim(low - pad, high + pad)
-    ax.set(xlabel="training time (s; validation and checkpoints excluded)", ylabel="NLL (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -29,7 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .nets import LayerConditioning, activation_name, make_activation
+from .nets import LayerConditioning, VectorField, activation_name, make_activation
 
 CONV_CONDITIONINGS = ("concat", "bias")
 STRIDES = (1, 2, -2)
@@ -129,7 +129,7 @@ def _check_strides(strides, n_layers: int, height: int, width: int) -> Tuple[int
     return tuple(strides)
 
 
-class ConvODENet(nn.Module):
+class ConvODENet(VectorField):
     r"""A convolutional vector field :math:`f(z, t)` on images of shape ``(C, H, W)``, taking and
     returning flat vectors ``(..., C*H*W)`` (see the module docstring).
 
@@ -156,6 +156,8 @@ class ConvODENet(nn.Module):
         >>> net(torch.tensor(0.3), torch.randn(5, 16)).shape
         torch.Size([5, 16])
     """
+
+    field_kind = "convolutional field"
 
     def __init__(
         self,
@@ -210,30 +212,8 @@ class ConvODENet(nn.Module):
                     self.head.weight[-channels:].zero_()
                     self.head.bias[-channels:].zero_()
 
-    def get_extra_state(self) -> dict:
-        return dict(self.architecture)
-
-    def set_extra_state(self, state: dict) -> None:
-        if state != self.architecture:
-            diff = {k: (state.get(k), v) for k, v in self.architecture.items() if state.get(k) != v}
-            raise ValueError(
-                "this state_dict was saved from a convolutional field with another architecture: "
-                + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
-                + "; build the flow with the saved options before loading"
-            )
-
-    def field_parameters(self) -> List[nn.Parameter]:
-        """Parameters used inside :meth:`forward` (the context head only reaches the dynamics
-        through :meth:`condition`'s outputs)."""
-        return [*self.layers.parameters(), *self.activation.parameters()]
-
-    def condition(self, context: Optional[Tensor]) -> Optional[List[LayerConditioning]]:
-        """Per-layer conditioning biases ``(..., channels)`` for a context ``(..., context_dim)``."""
-        if self.conditioning is None or context is None:
-            return None
-        if self.conditioning == "concat":
-            first = LayerConditioning(bias=self.context_proj(context))
-            return [first] + [LayerConditioning()] * (len(self.layers) - 1)
+    def _head_conditioning(self, context: Tensor) -> List[LayerConditioning]:
+        # "bias": per-layer conditioning biases (..., channels) from one linear head.
         return [LayerConditioning(bias=b) for b in self.head(context).split(self._bias_sizes, dim=-1)]
 
     def forward(self, t: Tensor, z: Tensor, cond: Optional[List[LayerConditioning]] = None) -> Tensor:

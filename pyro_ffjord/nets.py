@@ -14,7 +14,7 @@ function evaluation.
 
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -143,7 +143,51 @@ def _check_hidden_dims(hidden_dims) -> List[int]:
     return list(hidden_dims)
 
 
-class ODENet(nn.Module):
+class VectorField(nn.Module):
+    """What :class:`ODENet` and :class:`~pyro_ffjord.conv_nets.ConvODENet` share: their
+    ``architecture`` record (what a state_dict must agree on beyond tensor shapes) kept in the
+    state_dict and checked on loading, :meth:`field_parameters`, and :meth:`condition` up to the
+    terms of a context head (``_head_conditioning``, each field's own)."""
+
+    #: how :meth:`set_extra_state`'s error names the field
+    field_kind = "vector field"
+    architecture: Dict[str, Any]
+    conditioning: Optional[str]
+
+    def get_extra_state(self) -> dict:
+        return dict(self.architecture)
+
+    def set_extra_state(self, state: dict) -> None:
+        # Shapes catch other widths; an activation or time embedding that differs would load
+        # silently and compute another function.
+        if state != self.architecture:
+            diff = {k: (state.get(k), v) for k, v in self.architecture.items() if state.get(k) != v}
+            raise ValueError(
+                f"this state_dict was saved from a {self.field_kind} with another architecture: "
+                + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
+                + "; build the flow with the saved options before loading"
+            )
+
+    def field_parameters(self) -> List[nn.Parameter]:
+        """Parameters used inside :meth:`forward` (not those of the context head, which only
+        reach the dynamics through :meth:`condition`'s outputs)."""
+        return [*self.layers.parameters(), *self.activation.parameters()]
+
+    def condition(self, context: Optional[Tensor]) -> Optional[List[LayerConditioning]]:
+        """Per-layer conditioning terms for a context of shape ``(..., context_dim)``: with
+        ``"concat"``, ``context_proj``'s bias on the first layer only; else the context head's."""
+        if self.conditioning is None or context is None:
+            return None
+        if self.conditioning == "concat":
+            first = LayerConditioning(bias=self.context_proj(context))
+            return [first] + [LayerConditioning()] * (len(self.layers) - 1)
+        return self._head_conditioning(context)
+
+    def _head_conditioning(self, context: Tensor) -> List[LayerConditioning]:
+        raise NotImplementedError
+
+
+class ODENet(VectorField):
     r"""An MLP vector field :math:`f(z, t)` mapping ``input_dim`` to ``input_dim``.
 
     :param int input_dim: dimension of :math:`z`.
@@ -217,32 +261,8 @@ class ODENet(nn.Module):
                 self.head.weight[lo:hi].zero_()
                 self.head.bias[lo:hi].zero_()
 
-    def get_extra_state(self) -> dict:
-        return dict(self.architecture)
-
-    def set_extra_state(self, state: dict) -> None:
-        # Shapes catch other widths; an activation or time embedding that differs would load
-        # silently and compute another function.
-        if state != self.architecture:
-            diff = {k: (state.get(k), v) for k, v in self.architecture.items() if state.get(k) != v}
-            raise ValueError(
-                "this state_dict was saved from a vector field with another architecture: "
-                + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
-                + "; build the flow with the saved options before loading"
-            )
-
-    def field_parameters(self) -> List[nn.Parameter]:
-        """Parameters used inside :meth:`forward` (not those of the context head, which only
-        reach the dynamics through :meth:`condition`'s outputs)."""
-        return [*self.layers.parameters(), *self.activation.parameters()]
-
-    def condition(self, context: Optional[Tensor]) -> Optional[List[LayerConditioning]]:
-        """Per-layer conditioning terms for a context of shape ``(..., context_dim)``."""
-        if self.conditioning is None or context is None:
-            return None
-        if self.conditioning == "concat":
-            first = LayerConditioning(bias=self.context_proj(context))
-            return [first] + [LayerConditioning()] * (len(self.layers) - 1)
+    def _head_conditioning(self, context: Tensor) -> List[LayerConditioning]:
+        # "lowrank" and "bias": every layer's terms, sliced from one linear head.
         flat = self.head(context)
         batch = context.shape[:-1]
         out, offset = [], 0

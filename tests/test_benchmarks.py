@@ -23,6 +23,14 @@ def check_header(saved, name):
         assert key in saved["machine"], key
 
 
+def run_benchmark(module, out, *argv):
+    """``module.main`` with ``argv`` and ``--out out``: the results file it wrote (its header checked)."""
+    module.main(module.parser().parse_args([*argv, "--out", str(out)]))
+    saved = json.loads(out.read_text())
+    check_header(saved, module.__name__)
+    return saved
+
+
 @pytest.mark.parametrize("name", sorted(common.VARIANTS))
 def test_variants_build(name):
     model = common.OurFFJORD(name, **common.VARIANTS[name])
@@ -53,12 +61,9 @@ def test_fit_8gaussians_smoke(tmp_path):
 
 
 def test_toy_race_smoke(tmp_path):
-    out = tmp_path / "race.json"
-    argv = ["--data", "pinwheel", "--iters", "2", "--max-iters", "2", "--eval-every", "1", "--batch-size", "32",
-            "--test-size", "50", "--variants", "rk4_4", "--skip-zuko", "--threads", "1", "--out", str(out)]
-    toy_race.main(toy_race.parser().parse_args(argv))
-    saved = json.loads(out.read_text())
-    check_header(saved, "toy_race")
+    saved = run_benchmark(toy_race, tmp_path / "race.json", "--data", "pinwheel", "--iters", "2", "--max-iters", "2",
+                          "--eval-every", "1", "--batch-size", "32", "--test-size", "50", "--variants", "rk4_4",
+                          "--skip-zuko", "--threads", "1")
     (result,) = saved["results"]
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == ["reference", "default", "rk4_4"]
@@ -73,11 +78,9 @@ def test_toy_race_smoke(tmp_path):
 
 
 def test_toy_race_without_reference_or_target(tmp_path):
-    out = tmp_path / "race.json"
-    argv = ["--data", "8gaussians", "--max-iters", "1", "--eval-every", "1", "--batch-size", "16", "--test-size",
-            "20", "--skip-reference", "--skip-zuko", "--threads", "1", "--out", str(out)]
-    toy_race.main(toy_race.parser().parse_args(argv))
-    (result,) = json.loads(out.read_text())["results"]
+    (result,) = run_benchmark(toy_race, tmp_path / "race.json", "--data", "8gaussians", "--max-iters", "1",
+                              "--eval-every", "1", "--batch-size", "16", "--test-size", "20", "--skip-reference",
+                              "--skip-zuko", "--threads", "1")["results"]
     assert result["target_nll"] is None and [r["variant"] for r in result["rows"]] == ["default"]
     assert result["rows"][0]["reached_target"] is None and finite(result["rows"][0]["final_test_nll"])
 
@@ -87,12 +90,8 @@ def test_dim_sweep_smoke(tmp_path):
 
     real = dim_sweep.DATA_DIR
     dims = [2, 8] if (__import__("pathlib").Path(real) / "train-images-idx3-ubyte.gz").exists() else [2]
-    out = tmp_path / "sweep.json"
-    args = dim_sweep.parser().parse_args(
-        ["--seconds", "0.3", "--dims", *map(str, dims), "--test-size", "50", "--threads", "1", "--out", str(out)])
-    dim_sweep.main(args)
-    saved = json.loads(out.read_text())
-    check_header(saved, "dim_sweep")
+    saved = run_benchmark(dim_sweep, tmp_path / "sweep.json", "--seconds", "0.3", "--dims", *map(str, dims),
+                          "--test-size", "50", "--threads", "1")
     assert [r["dim"] for r in saved["rows"]] == [d for d in dims for _ in range(3)]
     for row in saved["rows"]:
         assert row["iterations"] >= 1 and finite(row["test_nll"], row["seconds_per_iteration"])
@@ -101,11 +100,8 @@ def test_dim_sweep_smoke(tmp_path):
 def test_svi_race_smoke(tmp_path):
     import svi_race
 
-    out = tmp_path / "svi.json"
-    argv = ["--steps", "2", "--lrs", "1e-2", "--eval-batches", "2", "--eval-particles", "20", "--out", str(out)]
-    svi_race.main(svi_race.parser().parse_args(argv))
-    saved = json.loads(out.read_text())
-    check_header(saved, "svi_race")
+    saved = run_benchmark(svi_race, tmp_path / "svi.json", "--steps", "2", "--lrs", "1e-2", "--eval-batches", "2",
+                          "--eval-particles", "20")
     assert {(r["target"], r["guide"]) for r in saved["rows"]} == {
         (t, g) for t in svi_race.TARGETS for g in svi_race.GUIDES}
     for row in saved["rows"]:
@@ -115,11 +111,8 @@ def test_svi_race_smoke(tmp_path):
 def test_exact_eval_smoke(tmp_path):
     import exact_eval
 
-    out = tmp_path / "exact.json"
-    exact_eval.main(exact_eval.parser().parse_args(
-        ["--dims", "3", "--batch-size", "20", "--min-seconds", "0.01", "--out", str(out)]))
-    saved = json.loads(out.read_text())
-    check_header(saved, "exact_eval")
+    saved = run_benchmark(exact_eval, tmp_path / "exact.json", "--dims", "3", "--batch-size", "20",
+                          "--min-seconds", "0.01")
     ways = {r["way"] for r in saved["rows"]}
     assert {"library default", "D VJPs in one vmap pass (before)", "forward mode (vmap jvp)", "zuko MAF"} <= ways
     for row in saved["rows"]:
@@ -129,11 +122,8 @@ def test_exact_eval_smoke(tmp_path):
 def test_tabular_race_smoke(tmp_path):
     import tabular_race
 
-    out = tmp_path / "tabular.json"
-    tabular_race.main(tabular_race.parser().parse_args(
-        ["--seconds", "0.2", "--scores", "2", "--batch-size", "16", "--out", str(out)]))
-    saved = json.loads(out.read_text())
-    check_header(saved, "tabular_race")
+    saved = run_benchmark(tabular_race, tmp_path / "tabular.json", "--seconds", "0.2", "--scores", "2",
+                          "--batch-size", "16")
     assert saved["dim"] == 30 and len(saved["rows"]) == 6
     for row in saved["rows"]:
         assert row["iterations"] >= 1 and len(row["curve"]) == 2 and not row["diverged"]
@@ -160,9 +150,6 @@ def test_tabular_race_records_a_diverged_flow(tmp_path):
 def test_threads_smoke(tmp_path):
     import threads
 
-    out = tmp_path / "threads.json"
-    threads.main(threads.parser().parse_args(["--dims", "2", "--seconds", "0.05", "--out", str(out)]))
-    saved = json.loads(out.read_text())
-    check_header(saved, "threads")
+    saved = run_benchmark(threads, tmp_path / "threads.json", "--dims", "2", "--seconds", "0.05")
     (row,) = saved["rows"]
     assert row["dim"] == 2 and finite(row["ms_1_thread"], row["ms_2_threads"], row["speedup_2_over_1"])

@@ -3,11 +3,9 @@ the paper's configuration as built, --resume after Ctrl-C equal to an uninterrup
 (in-process, and a real SIGINT to the script), a missing MNIST file through the script's cli, and
 the bits/dim reported recomputed independently from the checkpoint and the raw IDX pixels."""
 
-import functools
 import json
 import math
 import pathlib
-import signal
 import sys
 
 import pyro.distributions as dist
@@ -32,12 +30,9 @@ KEYS = ("dataset", "config", "image_shape", "data", "flow_options", "params", "b
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _cached_data():
+def _cached_data(cached_loader):
     # The example reads (and checks the sha256 of) all of MNIST each run; the tests read it once.
-    original = image_model.load
-    image_model.load = functools.lru_cache(maxsize=2)(original)
-    yield
-    image_model.load = original
+    cached_loader(image_model, "load", maxsize=2)
 
 
 def run(out, *argv):
@@ -112,57 +107,28 @@ def test_paper_configuration_as_built():
 
 
 @needs_mnist
-def test_ctrl_c_then_resume_finishes_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys, picture_titles,
-                                                               ctrl_c_must_be_handled):
+def test_ctrl_c_then_resume_finishes_like_an_uninterrupted_run(tmp_path, ctrl_c_then_resume):
     common = ("--config", "fast", "--iters", "6", "--valid-every", "2", "--checkpoint-every", "0", "--lr", "0.01")
-    whole = run(tmp_path / "whole", *common)
-    calls, score = [], image_model.score
-
-    def score_and_interrupt(*args, **kwargs):  # Ctrl-C during the second validation (iteration 4)
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)
-        return score(*args, **kwargs)
-
-    monkeypatch.setattr(image_model, "score", score_and_interrupt)
-    with pytest.raises(SystemExit) as exit:
-        run(tmp_path / "split", *common)
-    assert exit.value.code == 130 and "checkpoint at iteration 4 written" in capsys.readouterr().err
-    assert not (tmp_path / "split" / "results.json").exists()
-    monkeypatch.undo()
-
-    titles = picture_titles()
-    resumed = run(tmp_path / "split", *common, "--resume")
+    # Ctrl-C during the second validation (iteration 4)
+    whole, resumed = ctrl_c_then_resume(run, tmp_path, common, image_model, at=4)
     assert resumed["losses"] == pytest.approx(whole["losses"], abs=1e-6)
     assert [h["valid_bpd"] for h in resumed["valid_history"]] == pytest.approx(
         [h["valid_bpd"] for h in whole["valid_history"]], abs=1e-6)
     assert resumed["test_bpd"] == pytest.approx(whole["test_bpd"], abs=1e-6)
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
-    for name, value in a["model"].items():
-        if torch.is_tensor(value):
-            torch.testing.assert_close(b["model"][name], value, atol=1e-6, rtol=0, msg=name)
-    assert resumed["resumed_from"] == 4 and [(s["start"], s["end"]) for s in resumed["segments"]] == [(0, 4), (4, 6)]
-    assert "resumed" in titles[0] and not whole["resumed"]
+    assert [(s["start"], s["end"]) for s in resumed["segments"]] == [(0, 4), (4, 6)]
     with pytest.raises(runs.RunError, match=r"--lr 0.01 -> 0.1"):  # a resumed run is the same run
         run(tmp_path / "split", *common[:-2], "--lr", "0.1", "--resume")
 
 
 @needs_mnist
-def test_sigint_to_the_script_then_resume_equals_an_uninterrupted_run(tmp_path, interrupt_after_first_checkpoint):
+def test_sigint_to_the_script_then_resume_equals_an_uninterrupted_run(tmp_path, sigint_then_resume):
     """The real thing: Ctrl-C (SIGINT) to ``python examples/image_density.py`` while it trains,
     then ``--resume`` to the end."""
     out = tmp_path / "split"
     argv = [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--threads", "1", "--checkpoint-every", "1",
             "--data-dir", str(MNIST), "--out", str(out), "--iters", "100000"]
-    proc = interrupt_after_first_checkpoint(argv)
-    assert proc.returncode == 130, proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.rstrip().endswith("--resume")
-    stopped_at = torch.load(out / "checkpoint.pt", weights_only=True)["iteration"]
-    assert 1 <= stopped_at < 10
-    resumed = run(out, "--iters", "10", "--resume")
+    resumed = sigint_then_resume(argv, out, lambda: run(out, "--iters", "10", "--resume"), iters=10)
     whole = run(tmp_path / "whole", "--iters", "10")
-    assert resumed["resumed_from"] == stopped_at
     assert resumed["losses"] == pytest.approx(whole["losses"], abs=1e-6)
     assert resumed["test_bpd"] == pytest.approx(whole["test_bpd"], abs=1e-6)
 

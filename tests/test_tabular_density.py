@@ -7,7 +7,6 @@ file in MAF's POWER format."""
 import json
 import math
 import pathlib
-import signal
 import sys
 
 import numpy as np
@@ -154,54 +153,25 @@ def test_missing_maf_file_or_folder_is_a_clear_error(tmp_path, monkeypatch):
     assert message.startswith("error: --dataset miniboone") and "--data-dir" in message and tabular.ZENODO in message
 
 
-def test_ctrl_c_then_resume_finishes_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys, picture_titles,
-                                                               ctrl_c_must_be_handled):
+def test_ctrl_c_then_resume_finishes_like_an_uninterrupted_run(tmp_path, ctrl_c_then_resume):
     common = (*RESUMABLE, "--iters", "16", "--checkpoint-every", "0")
-    whole = run(tmp_path / "whole", *common)
-    calls, score = [], tabular_model.score
-
-    def score_and_interrupt(*args, **kwargs):  # Ctrl-C during the second validation (iteration 4)
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)
-        return score(*args, **kwargs)
-
-    monkeypatch.setattr(tabular_model, "score", score_and_interrupt)
-    with pytest.raises(SystemExit) as exit:
-        run(tmp_path / "split", *common)
-    assert exit.value.code == 130 and "checkpoint at iteration 4 written" in capsys.readouterr().err
-    assert not (tmp_path / "split" / "results.json").exists()
-    monkeypatch.undo()
-
-    titles = picture_titles()
-    resumed = run(tmp_path / "split", *common, "--resume")
+    # Ctrl-C during the second validation (iteration 4)
+    whole, resumed = ctrl_c_then_resume(run, tmp_path, common, tabular_model, at=4)
     assert_same_run(whole, resumed)
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
-    for name, value in a["model"].items():
-        if torch.is_tensor(value):
-            torch.testing.assert_close(b["model"][name], value, atol=1e-6, rtol=0, msg=name)
-    assert resumed["resumed_from"] == 4 and [(s["start"], s["end"]) for s in resumed["segments"]] == [(0, 4), (4, 16)]
-    assert "resumed" in titles[0] and not whole["resumed"]
+    assert [(s["start"], s["end"]) for s in resumed["segments"]] == [(0, 4), (4, 16)]
     with pytest.raises(runs.RunError, match=r"--lr 0.03 -> 0.1"):  # a resumed run is the same run
         run(tmp_path / "split", *common, "--resume", "--lr", "0.1")
 
 
-def test_sigint_to_the_script_then_resume_equals_an_uninterrupted_run(tmp_path, interrupt_after_first_checkpoint):
+def test_sigint_to_the_script_then_resume_equals_an_uninterrupted_run(tmp_path, sigint_then_resume):
     """The real thing: Ctrl-C (SIGINT) to ``python examples/tabular_density.py`` while it trains,
     then ``--resume`` to the end."""
     common = (*RESUMABLE, "--iters", "60")
     out = tmp_path / "split"
     argv = [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--threads", "1", "--checkpoint-every", "1",
             "--out", str(out), *common]
-    proc = interrupt_after_first_checkpoint(argv)
-    assert proc.returncode == 130, proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.rstrip().endswith("--resume")
-    stopped_at = torch.load(out / "checkpoint.pt", weights_only=True)["iteration"]
-    assert 1 <= stopped_at < 60
-    resumed = run(out, *common, "--resume")
+    resumed = sigint_then_resume(argv, out, lambda: run(out, *common, "--resume"), iters=60)
     whole = run(tmp_path / "whole", *common)
-    assert resumed["resumed_from"] == stopped_at
     assert_same_run(whole, resumed)
 
 

@@ -1,7 +1,6 @@
 """examples/vae.py: quick runs of every posterior flow, learning, warm-up, resume, Sylvester
 log-det, and the FFJORD posteriors (the paper's and the lean configuration) as built."""
 
-import functools
 import json
 import math
 import os
@@ -34,12 +33,9 @@ REQUIRED = (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _cached_data():
+def _cached_data(cached_loader):
     # The example reads and binarizes all of MNIST each run; the tests read it once.
-    original = vae.load
-    vae.load = functools.lru_cache(maxsize=4)(original)
-    yield
-    vae.load = original
+    cached_loader(vae, "load", maxsize=4)
 
 
 def run(tmp_path, *argv):

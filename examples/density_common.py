@@ -1,0 +1,222 @@
+"""What the density examples (``tabular_density.py``, ``image_density.py``) share around their
+models: the training state a checkpoint holds (each CNF's drift-check schedule included), the
+epoch-seeded batch order, the training loop's bookkeeping, the best model on validation, and the
+learning-curve picture.
+
+The checkpoint schedule and the training clock are :class:`pyro_ffjord.runs.Training`'s; each
+example keeps its own model, score and results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from pyro_ffjord import runs  # noqa: E402
+
+
+# -- command line: the options of the training loop, the output folder --------------------------
+def add_training_args(group: argparse._ArgumentGroup, full: Mapping[str, Any], quick: Mapping[str, Any],
+                      checkpoint_every: int) -> None:
+    """The options :func:`run_training` reads: ``--iters`` and ``--valid-every`` (their defaults
+    ``full``'s and ``quick``'s, for :func:`~pyro_ffjord.runs.fill_defaults`), ``--max-minutes``
+    and ``--checkpoint-every``."""
+    group.add_argument("--iters", type=runs.nonnegative_int, default=None,
+                       help=f"at most this many (default {full['iters']}; --quick {quick['iters']})")
+    group.add_argument("--max-minutes", type=runs.nonnegative_float, default=0.0, help="training-time budget (0: none)")
+    group.add_argument("--valid-every", type=runs.positive_int, default=None,
+                       help=f"iterations (default {full['valid_every']}; --quick {quick['valid_every']})")
+    group.add_argument("--checkpoint-every", type=runs.nonnegative_int, default=checkpoint_every,
+                       help="iterations (0: by minutes and Ctrl-C)")
+
+
+def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], out: str) -> argparse.Namespace:
+    """:func:`pyro_ffjord.runs.parse`, then ``--out`` if not given: ``out`` (formatted with the
+    options, e.g. ``"out/tabular/{dataset}-{config}"``), ending in ``-quick`` for a ``--quick``
+    run, which keeps its own folder."""
+    args = runs.parse(parser, argv)
+    if args.out is None:
+        folder = os.path.normpath(out.format(**vars(args)))
+        args.out = runs.quick_out(folder) if args.quick else folder
+    return args
+
+
+# -- the training state and its checkpoint ------------------------------------------------------
+def new_state(cnfs: Sequence[nn.Module], **extra: Any) -> Dict[str, Any]:
+    """A fresh run's training state, all of it saved in the checkpoint: ``iteration``, the
+    ``losses`` and training ``clock`` of each iteration, the validation ``history``, the best
+    model on validation so far (``best_valid``, ``best_iteration``, ``best_model``), each CNF's
+    count of fixed-grid training solves (``training_solves``: when its drift check runs) and
+    the example's own entries ``extra``."""
+    return dict(iteration=0, losses=[], clock=[], history=[], best_valid=math.inf, best_iteration=None,
+                best_model=None, training_solves=[0] * len(cnfs), **extra)
+
+
+def resume(training: runs.Training, model: nn.Module, cnfs: Sequence[nn.Module], optimizer: torch.optim.Optimizer,
+           state: Dict[str, Any]) -> None:
+    """Under ``--resume``: load the checkpoint's ``model``, ``optimizer`` and ``state`` (the
+    random state restored, one of other options refused: :meth:`~pyro_ffjord.runs.Training.resume`)
+    and put back each CNF's drift-check schedule. A fresh run: nothing to do."""
+    ck = training.resume()
+    if ck is None:
+        return
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    state.update((k, ck[k]) for k in state)
+    for cnf, solves in zip(cnfs, state["training_solves"]):
+        cnf.stats.training_solves = solves
+
+
+def checkpointer(state: Dict[str, Any], model: nn.Module, cnfs: Sequence[nn.Module],
+                 optimizer: torch.optim.Optimizer) -> Callable[[], Dict[str, Any]]:
+    """What :meth:`~pyro_ffjord.runs.Training.step` saves: ``state`` (the CNFs' training solves
+    brought up to date), the model's and the optimizer's state dicts."""
+    def checkpoint() -> Dict[str, Any]:
+        state["training_solves"] = [cnf.stats.training_solves for cnf in cnfs]
+        return dict(state, model=model.state_dict(), optimizer=optimizer.state_dict())
+
+    return checkpoint
+
+
+def epoch_batches(n: int, batch_size: int, seed: int) -> Callable[[int], Tensor]:
+    """``batch(it)``: the indices (of ``n`` rows) of iteration ``it``'s batch. Epoch ``e`` visits
+    the rows in the order ``np.random.default_rng([seed, e]).permutation(n)``, which depends on
+    ``(seed, e)`` only: a resumed run draws the same batches with nothing saved."""
+    per_epoch, order = math.ceil(n / batch_size), {}
+
+    def batch(it: int) -> Tensor:
+        epoch, k = divmod(it, per_epoch)
+        if epoch not in order:
+            order.clear()
+            order[epoch] = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+        return order[epoch][k * batch_size : (k + 1) * batch_size]
+
+    return batch
+
+
+# -- the training loop --------------------------------------------------------------------------
+def run_training(args: argparse.Namespace, training: runs.Training, state: Dict[str, Any],
+                 checkpoint: Callable[[], Dict[str, Any]], step: Callable[[int], float],
+                 validate: Callable[[int], None], desc: str, progress: Callable[[], Dict[str, Any]],
+                 stopped: Callable[[], bool] = lambda: False) -> str:
+    """The training loop: ``step(it)`` (one optimizer step on iteration ``it``'s batch, returning
+    its loss) for ``it`` from ``state["iteration"]`` to ``args.iters``, on ``training``'s clock,
+    with a progress bar (``desc``, and ``progress()``'s entries). After each step: its loss and
+    the clock recorded in ``state``, ``validate(done)`` every ``args.valid_every`` iterations,
+    and a checkpoint when due (every ``args.checkpoint_every`` iterations, at the end, when it
+    stops; :meth:`~pyro_ffjord.runs.Training.step` adds its own). It stops early once
+    ``args.max_minutes`` of training passed (0: no limit) or ``stopped()``. Returns
+    ``"iters"`` or ``"max_minutes"``: why it ended, unless ``stopped()`` (the caller's reason)."""
+    budget = 60.0 * args.max_minutes
+
+    def out_of_time() -> bool:
+        return budget > 0 and training.elapsed() >= budget
+
+    start = state["iteration"]
+    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc=desc, disable=args.no_progress,
+               dynamic_ncols=True)
+    with training.loop(start):
+        for it in bar:
+            if stopped() or out_of_time():
+                break
+            loss = step(it)
+            state["iteration"] = done = it + 1
+            state["losses"].append(loss)
+            state["clock"].append(training.elapsed())
+            if done % args.valid_every == 0:
+                validate(done)
+            bar.set_postfix(**progress(), refresh=False)
+            every = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
+            training.step(done, checkpoint, due=every or done == args.iters or stopped() or out_of_time())
+        if not training.path.exists():  # --iters 0: still leave a checkpoint
+            training.save(state["iteration"], checkpoint)
+    bar.close()
+    return "iters" if state["iteration"] >= args.iters else "max_minutes"
+
+
+# -- the best model on validation ---------------------------------------------------------------
+def keep_if_best(state: Dict[str, Any], model: nn.Module, value: float, iteration: int) -> bool:
+    """Whether the validation score ``value`` (lower is better) at ``iteration`` beats
+    ``state["best_valid"]``; if so, a copy of ``model``'s parameters becomes the best model."""
+    if not value < state["best_valid"]:
+        return False
+    best = {k: t.detach().clone() if torch.is_tensor(t) else t for k, t in model.state_dict().items()}
+    state.update(best_valid=value, best_iteration=iteration, best_model=best)
+    return True
+
+
+def load_best(state: Mapping[str, Any], model: nn.Module, done: int, score_last: Optional[Callable[[], float]],
+              last_by_default: bool = False) -> Tuple[float, Optional[int]]:
+    """Load the best model on validation into ``model`` (the last iterate, after ``done``
+    iterations, as it is) to be tested; returns its validation score and iteration.
+
+    The last iterate competes if it was never validated: ``score_last()`` scores it (``None``:
+    it does not compete). With ``last_by_default`` it is also chosen when no validation kept a
+    best model (e.g. none was finite)."""
+    best_valid, best_iteration = state["best_valid"], state["best_iteration"]
+    history = state["history"]
+    if score_last is not None and (not history or history[-1]["iteration"] != done):
+        last = score_last()
+        if last < best_valid or (last_by_default and best_iteration is None):
+            best_valid, best_iteration = last, done
+    if best_iteration != done and state["best_model"] is not None:
+        model.load_state_dict(state["best_model"])
+    return best_valid, best_iteration
+
+
+# -- pictures -----------------------------------------------------------------------------------
+def save_figure(fig: plt.Figure, path: str, title: str, fontsize: int = 10) -> None:
+    """Title ``fig``, lay it out, write it to ``path`` (100 dpi) and close it."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_learning_curves(path: str, clock: Sequence[float], losses: Sequence[float],
+                         history: Sequence[Mapping[str, Any]], key: str, title: str,
+                         best_iteration: Optional[int] = None, *, ylabel: str, train_label: str,
+                         valid_label: str, running_mean: bool = False,
+                         reference: Optional[Tuple[str, float]] = None) -> None:
+    """The training loss of each batch and the validation score (``history``'s ``key``, the
+    best iteration starred) against training time. ``running_mean``: the batches faded under
+    their running mean (over a fiftieth of the run); ``reference``: ``(label, value)``, a dotted
+    line kept in view. A wild first batch does not flatten the rest: the axis ends at the 95th
+    percentile of the losses (or the highest validation score)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    values = [v for v in losses if math.isfinite(v)]
+    if losses:
+        lw, alpha = (0.5, 0.35) if running_mean else (0.6, 0.5)
+        ax.plot(clock, losses, lw=lw, alpha=alpha, color="C0", label=train_label)
+        window = max(1, len(losses) // 50)
+        if running_mean and window > 1:
+            mean = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(clock[window - 1:], mean, color="C0", label=f"training, mean of {window} batches")
+    valid = [(h["seconds"], h[key], h["iteration"]) for h in history if math.isfinite(h[key])]
+    if valid:
+        ax.plot([v[0] for v in valid], [v[1] for v in valid], "o-", ms=3, color="C1", label=valid_label)
+        best = [v for v in valid if v[2] == best_iteration]
+        if best:
+            ax.plot(best[0][0], best[0][1], "*", ms=12, color="C3", label=f"best (iteration {best_iteration})")
+        values += [v[1] for v in valid]
+    if reference is not None:
+        ax.axhline(reference[1], color="k", ls=":", lw=1, label=reference[0])
+    if values:
+        low = min(values + ([] if reference is None else [reference[1]]))
+        high = max([float(np.quantile(values, 0.95))] + [v[1] for v in valid])
+        pad = 0.05 * (high - low) if high > low else 1.0
+        ax.set_ylim(low - pad, high + pad)
+    ax.set(xlabel="training time (s; validation and checkpoints excluded)", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path, title)
