@@ -5,6 +5,7 @@ from .conditional import ConditionalFFJORD, conditional_ffjord
 from .conv_nets import ConvODENet
 from .drift import DriftWarning
 from .ffjord import ConditionedFFJORD, FFJORD, ffjord
+from .flow_matching import flow_matching_loss
 from .image_ffjord import ConditionalImageFFJORD, ConditionedImageFFJORD, ImageFFJORD, image_ffjord
 from .image_transforms import LogitTransform, Squeeze, bits_per_dim, dequantize
 from .multiscale import FactorOut, MultiscaleFFJORD, multiscale_ffjord
@@ -33,6 +34,7 @@ __all__ = [
     "conditional_ffjord",
     "dequantize",
     "ffjord",
+    "flow_matching_loss",
     "image_ffjord",
     "multiscale_ffjord",
     "regularization",

@@ -257,6 +257,13 @@ class _FFJORDParams:
         """The end time :math:`T` as a tensor (differentiable when ``train_T``)."""
         return self.log_T.exp()
 
+    def flow_matching_loss(self, x1: Tensor, context: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """The flow-matching loss of this flow on a batch: see
+        :func:`pyro_ffjord.flow_matching.flow_matching_loss` (same arguments after ``flow``)."""
+        from .flow_matching import flow_matching_loss
+
+        return flow_matching_loss(self, x1, context, **kwargs)
+
     def _setup(self, context: Optional[Tensor] = None) -> SolveSetup:
         cond = self.net.condition(context)
         return SolveSetup(self.net, cond, self.end_time, self.config, self.training, self._stats)
