@@ -153,3 +153,17 @@ def test_threads_smoke(tmp_path):
     saved = run_benchmark(threads, tmp_path / "threads.json", "--dims", "2", "--seconds", "0.05")
     (row,) = saved["rows"]
     assert row["dim"] == 2 and finite(row["ms_1_thread"], row["ms_2_threads"], row["speedup_2_over_1"])
+
+
+def test_flow_matching_smoke(tmp_path):
+    import flow_matching
+
+    out = tmp_path / "fm.json"
+    flow_matching.main(flow_matching.parser().parse_args(
+        ["--seconds", "0.2", "--scores", "2", "--test-size", "50", "--problems", "8gaussians", "--out", str(out)]))
+    saved = json.loads(out.read_text())
+    check_header(saved, "flow_matching")
+    assert [r["objective"] for r in saved["rows"]] == ["mle", "mle", "fm", "fm"]
+    for row in saved["rows"]:
+        assert row["iterations"] >= 1 and len(row["curve"]) == 2 and finite(row["final_test_nll"])
+    assert saved["rows"][0]["x_mle_time_to_target"] == 1.0
