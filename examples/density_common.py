@@ -1,7 +1,8 @@
 """What the density examples (``tabular_density.py``, ``image_density.py``) share around their
 models: the training state a checkpoint holds (each CNF's drift-check schedule included), the
-epoch-seeded batch order, the training loop's bookkeeping, the best model on validation, and the
-learning-curve picture.
+epoch-seeded batch order, the training loop's bookkeeping, the best model on validation, the
+learning-curve picture, and the ``--objective`` options (maximum likelihood or flow matching; the
+toy demo ``toy_density.py`` uses these too).
 
 The checkpoint schedule and the training clock are :class:`pyro_ffjord.runs.Training`'s; each
 example keeps its own model, score and results.
@@ -49,6 +50,57 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], out: s
         folder = os.path.normpath(out.format(**vars(args)))
         args.out = runs.quick_out(folder) if args.quick else folder
     return args
+
+
+# -- the training objective: maximum likelihood or flow matching ---------------------------------
+OBJECTIVES = ("mle", "fm")
+FM_KEYS = ("objective", "coupling", "sigma_min")  # what --objective fm adds to a run's configuration
+FM_LOSS_KIND = "flow matching"
+
+
+def add_objective_args(group: argparse._ArgumentGroup) -> None:
+    """``--objective`` (``mle``: the negative log-likelihood through the training solve; ``fm``:
+    :func:`pyro_ffjord.flow_matching_loss`, no solve) and, for ``fm``, ``--coupling`` and
+    ``--sigma-min`` (filled in by :func:`check_objective`)."""
+    group.add_argument("--objective", choices=OBJECTIVES, default="mle",
+                       help="training loss: mle = -log p of the batch (an ODE solve per step); fm = conditional "
+                            "flow matching of the field (no solve; evaluation is the same exact-trace NLL)")
+    group.add_argument("--coupling", choices=("independent", "ot"), default=None,
+                       help="fm only (default ot): how base samples are paired with a batch; ot (minibatch "
+                            "optimal transport) straightens the learned paths, so the adaptive evaluation "
+                            "solve takes fewer steps and the regression targets vary less")
+    group.add_argument("--sigma-min", type=float, default=None,
+                       help="fm only (default 1e-4): width of the probability path at the data end, in [0, 1)")
+
+
+def check_objective(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill ``--coupling`` (``ot``) and ``--sigma-min`` (1e-4) under ``--objective fm``; a usage
+    error if they are given with ``mle`` or ``--sigma-min`` is outside ``[0, 1)``."""
+    if args.objective != "fm":
+        given = [name for name, value in (("--coupling", args.coupling), ("--sigma-min", args.sigma_min))
+                 if value is not None]
+        if given:
+            parser.error(f"{' and '.join(given)}: only with --objective fm")
+        return
+    args.coupling = args.coupling or "ot"
+    args.sigma_min = 1e-4 if args.sigma_min is None else args.sigma_min
+    if not (math.isfinite(args.sigma_min) and 0 <= args.sigma_min < 1):
+        parser.error(f"argument --sigma-min: {args.sigma_min} is not in [0, 1)")
+
+
+def objective_free(args: argparse.Namespace) -> Tuple[str, ...]:
+    """The options to leave out of a run's configuration for its objective: under ``mle`` the
+    objective's own (so that a maximum-likelihood run's configuration, and its checkpoints, are
+    what they were before ``--objective``); under ``fm`` none, so ``--resume`` refuses a change."""
+    return FM_KEYS if args.objective == "mle" else ()
+
+
+def objective_results(args: argparse.Namespace) -> Dict[str, Any]:
+    """What the results record of the objective: ``objective`` (and ``coupling``, ``sigma_min``
+    for ``fm``) and ``train_loss_kind``, what the per-batch ``losses`` are."""
+    if args.objective == "fm":
+        return dict(objective="fm", coupling=args.coupling, sigma_min=args.sigma_min, train_loss_kind=FM_LOSS_KIND)
+    return dict(objective="mle", train_loss_kind="negative log-likelihood")
 
 
 # -- the training state and its checkpoint ------------------------------------------------------

@@ -17,6 +17,13 @@ through few fixed steps can learn to exploit the discretisation: the RNODE weigh
 0.05) prevent it, and ``results.json`` gives the held-out NLL both ways (``test_nll``,
 ``test_nll_training_solver``) so such a run shows. Measurements: ``docs/toy_density.md``.
 
+``--objective fm`` trains the same flow by conditional flow matching instead
+(:func:`pyro_ffjord.flow_matching_loss`, ``--coupling`` ``ot`` by default, ``--sigma-min``): each
+step regresses the field on straight base-to-data paths, with no ODE solve (so ``--solver``,
+``--steps``, ``--trace`` and the RNODE weights play no part in training); the per-iteration
+``losses`` are then flow-matching losses (``train_loss_kind`` in ``results.json``), not NLLs, and
+everything reported is evaluated exactly as for the default ``--objective mle``.
+
 Outputs in ``--out`` (default ``out/toy_density``): ``density.png`` (data, model density on a
 grid, model samples on :math:`[-4, 4]^2`), ``trajectory.png`` (base samples pushed through the
 flow, :math:`t \in [0, T]`), ``results.json`` and ``checkpoint.pt`` (model, optimizer, losses,
@@ -48,7 +55,8 @@ import torch  # noqa: E402
 from torchdiffeq import odeint  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pyro_ffjord import FFJORD, runs  # noqa: E402
+import density_common as common  # noqa: E402
+from pyro_ffjord import FFJORD, flow_matching_loss, runs  # noqa: E402
 from pyro_ffjord.datasets import toy  # noqa: E402
 
 LIMIT = 4.0  # pictures show [-LIMIT, LIMIT]^2
@@ -146,7 +154,8 @@ def main(args) -> dict:
     test = toy.sample(args.data, args.test_points, seed=TEST_SEED).to(device)
 
     # Checkpoints by iterations, minutes and Ctrl-C; --resume refuses one written with other options.
-    training = runs.Training(args, out / "checkpoint.pt", runs.run_config(args, free=FREE), numpy_rng=rng)
+    config = runs.run_config(args, free=FREE + common.objective_free(args))
+    training = runs.Training(args, out / "checkpoint.pt", config, numpy_rng=rng)
     state = {"iteration": 0, "losses": [], "nfe_forward": []}
     ck = training.resume()  # restores the torch and numpy random states too
     if ck is not None:
@@ -166,13 +175,16 @@ def main(args) -> dict:
     with training.loop(start):
         for it in bar:
             batch = toy.sample(args.data, args.batch_size, seed=rng).to(device)
-            loss = -density.log_prob(batch).mean()
-            total = loss if flow.regularization is None else loss + flow.regularization
+            if args.objective == "fm":  # no solve: the field regressed on the paths' velocities
+                loss = total = flow_matching_loss(flow, batch, coupling=args.coupling, sigma_min=args.sigma_min)
+            else:
+                loss = -density.log_prob(batch).mean()
+                total = loss if flow.regularization is None else loss + flow.regularization
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
             losses.append(loss.item())
-            nfes.append(flow.nfe_forward)
+            nfes.append(0 if args.objective == "fm" else flow.nfe_forward)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", nfe=nfes[-1], refresh=False)
             state["iteration"] = done = it + 1
             every = args.checkpoint_every and done % args.checkpoint_every == 0
@@ -187,12 +199,14 @@ def main(args) -> dict:
     res_train = test_nll(flow, density, test, args.eval_chunk, mode="train")
     timing = training.summary()  # resumed, segments, train_seconds (all segments)
     iterations, train_seconds, tail = max(start, args.iters), timing["train_seconds"], losses[-100:]
-    title = f"FFJORD, {iterations} iterations, {training.describe()}, test NLL {res['nll']:.3f} nats"
+    how = f" (flow matching, {args.coupling} coupling)" if args.objective == "fm" else ""
+    title = f"FFJORD{how}, {iterations} iterations, {training.describe()}, test NLL {res['nll']:.3f} nats"
     picture_seconds = make_pictures(args, flow, density, title)
     flow_options = dict(vars(flow.config), hidden_dims=list(args.hidden), activation=args.activation,
                         time_embedding="concatsquash", zero_init=args.zero_init)
     results = {
-        "data": args.data, "iterations": iterations, "resumed_from": start if training.resumed else None,
+        "data": args.data, **common.objective_results(args),
+        "iterations": iterations, "resumed_from": start if training.resumed else None,
         **timing, "seconds_per_iteration": train_seconds / len(losses) if losses else None,
         "eval_seconds": eval_seconds, "picture_seconds": picture_seconds,
         "wall_seconds": time.perf_counter() - start_wall, "test_nll": res["nll"], "test_nll_se": res["se"],
@@ -221,6 +235,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", choices=toy.NAMES, default="pinwheel")
     count, whole, rate, weight = runs.positive_int, runs.nonnegative_int, runs.positive_float, runs.nonnegative_float
+    common.add_objective_args(p.add_argument_group("objective"))
     p.add_argument("--iters", type=whole, default=None, help="training iterations (default 3000; --quick 20)")
     p.add_argument("--batch-size", type=count, default=256)
     p.add_argument("--lr", type=rate, default=1e-3, help="Adam (5e-3 and 2e-3 diverged)")
@@ -249,7 +264,9 @@ def parse_args(argv=None):
     e.add_argument("--trajectory-points", type=count, default=None, help="default 2000")
     e.add_argument("--trajectory-panels", type=count, default=6)
     e.add_argument("--eval-chunk", type=count, default=2500, help="points per evaluation solve")
-    return runs.parse(p, argv)
+    args = runs.parse(p, argv)
+    common.check_objective(p, args)
+    return args
 
 
 if __name__ == "__main__":

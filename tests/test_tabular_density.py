@@ -194,3 +194,42 @@ def test_tiny_power_file_end_to_end_through_data_dir(tmp_path):
     # the data set's own folder works as --data-dir too, and gives the same run
     again = run(tmp_path / "again", "--dataset", "power", "--data-dir", str(tmp_path / "data" / "power"))
     assert again["test_nll"] == res["test_nll"]
+
+
+@pytest.mark.parametrize("config", tabular_model.CONFIGS)
+def test_flow_matching_objective_on_the_one_block_default(tmp_path, config):
+    res = run(tmp_path, "--config", config, "--objective", "fm", "--iters", "8", "--valid-every", "4")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (saved["objective"], saved["coupling"], saved["sigma_min"]) == ("fm", "ot", 1e-4)
+    assert saved["train_loss_kind"] == "flow matching" and len(saved["losses"]) == 8
+    assert saved["flow_options"]["num_blocks"] == 1 and saved["flow_options"]["eval_trace"] == "exact"
+    assert math.isfinite(saved["test_nll"]) and saved["test_finite"] and saved["test_nll"] == res["test_nll"]
+    assert [h["iteration"] for h in saved["valid_history"]] == [4, 8]
+    assert (tmp_path / "nll_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flow_matching_refuses_a_stack_of_blocks(tmp_path, capsys):
+    for argv in (("--dataset", "power", "--config", "paper"), ("--num-blocks", "2")):
+        with pytest.raises(SystemExit) as exit:
+            tabular_density.parse_args(["--quick", "--objective", "fm", *argv])
+        assert exit.value.code == 2
+        err = capsys.readouterr().err
+        assert "--objective fm trains a single FFJORD block" in err
+        assert "use --num-blocks 1 or --objective mle" in err
+    args = tabular_density.parse_args(["--dataset", "hepmass", "--objective", "fm", "--num-blocks", "1"])
+    assert (args.objective, args.coupling, args.num_blocks) == ("fm", "ot", 1)
+    assert tabular_density.parse_args(["--dataset", "hepmass"]).objective == "mle"  # a stack by likelihood
+
+
+def test_resume_refuses_another_objective(tmp_path):
+    common = (*RESUMABLE, "--valid-every", "2")
+    run(tmp_path / "mle", *common, "--iters", "2")
+    with pytest.raises(runs.RunError, match=r"--objective \(unset\) -> fm"):
+        run(tmp_path / "mle", *common, "--iters", "4", "--resume", "--objective", "fm")
+    run(tmp_path / "fm", *common, "--iters", "2", "--objective", "fm")
+    with pytest.raises(runs.RunError, match=r"--objective fm -> \(unset\)"):
+        run(tmp_path / "fm", *common, "--iters", "4", "--resume")
+    with pytest.raises(runs.RunError, match=r"--sigma-min 0.0001 -> 0.01"):
+        run(tmp_path / "fm", *common, "--iters", "4", "--resume", "--objective", "fm", "--sigma-min", "0.01")
+    res = run(tmp_path / "fm", *common, "--iters", "4", "--resume", "--objective", "fm")
+    assert res["resumed_from"] == 2 and res["iterations"] == 4 and res["objective"] == "fm"

@@ -62,8 +62,8 @@ def test_short_fit_lowers_test_nll(tmp_path):
     assert res["test_nll"] < res["test_nll_initial"] - 0.3
 
 
-@pytest.mark.parametrize("flow_args", [("--kinetic", "0", "--jacobian", "0"), ("--trace", "hutchinson",)],
-                         ids=["exact", "hutchinson-rnode"])
+@pytest.mark.parametrize("flow_args", [("--kinetic", "0", "--jacobian", "0"), ("--trace", "hutchinson",),
+                                       ("--objective", "fm")], ids=["exact", "hutchinson-rnode", "flow-matching"])
 def test_resume_equals_uninterrupted_run(tmp_path, flow_args):
     whole = run(tmp_path / "whole", "--iters", "10", *flow_args)
     run(tmp_path / "split", "--iters", "4", *flow_args)
@@ -199,3 +199,39 @@ def test_sigint_to_the_script_saves_and_exits_130(tmp_path, interrupt_after_firs
     assert f"{SCRIPT.name} --quick --iters 100000" in err and err.rstrip().endswith("--resume")
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["iteration"] >= 3 and ck["segments"][-1]["end"] == ck["iteration"]
+
+
+def test_flow_matching_objective_fits_without_a_solve_and_is_evaluated_as_mle(tmp_path):
+    res = run(tmp_path, "--objective", "fm", "--data", "8gaussians", "--zero-init", "--iters", "60")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (saved["objective"], saved["coupling"], saved["sigma_min"]) == ("fm", "ot", 1e-4)
+    assert saved["train_loss_kind"] == "flow matching" and len(saved["losses"]) == 60
+    assert saved["nfe_forward_last"] == 0  # no ODE solve in training
+    assert math.isfinite(saved["test_nll"]) and saved["test_finite"] and saved["test_nll"] == res["test_nll"]
+    # the same exact-trace evaluation as --objective mle: the zero-initialised flow starts as N(0, I)
+    assert res["test_nll"] < res["test_nll_initial"] - 0.3  # about 1.2-1.5 nats over seeds 0-3
+    assert (tmp_path / "density.png").exists()
+
+
+def test_objective_options_and_resume_refusing_another_objective(tmp_path, capsys):
+    args = toy_density.parse_args([])
+    assert (args.objective, args.coupling, args.sigma_min) == ("mle", None, None)
+    args = toy_density.parse_args(["--objective", "fm", "--coupling", "independent"])
+    assert (args.objective, args.coupling, args.sigma_min) == ("fm", "independent", 1e-4)
+    for argv in (("--coupling", "ot"), ("--objective", "fm", "--sigma-min", "1"), ("--objective", "nll")):
+        with pytest.raises(SystemExit) as exit:
+            toy_density.parse_args(list(argv))
+        assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--coupling: only with --objective fm" in err and "--sigma-min" in err
+    small = ("--test-points", "20", "--grid", "4", "--picture-samples", "50")
+    run(tmp_path / "mle", "--iters", "1", *small)
+    with pytest.raises(runs.RunError, match=r"--objective \(unset\) -> fm.*without --resume"):
+        run(tmp_path / "mle", "--iters", "2", "--resume", "--objective", "fm", *small)
+    run(tmp_path / "fm", "--iters", "1", "--objective", "fm", *small)
+    for argv, says in ((("--objective", "mle"), "--objective fm -> \\(unset\\)"),
+                       (("--objective", "fm", "--coupling", "independent"), "--coupling ot -> independent")):
+        with pytest.raises(runs.RunError, match=f"{says}.*without --resume"):
+            run(tmp_path / "fm", "--iters", "2", "--resume", *small, *argv)
+    res = run(tmp_path / "fm", "--iters", "2", "--resume", "--objective", "fm", *small)
+    assert res["resumed_from"] == 1 and res["objective"] == "fm" and len(res["losses"]) == 2
