@@ -203,6 +203,21 @@ def backward(contender: Contender, loss: torch.Tensor) -> None:
         loss.backward()
 
 
+def minibatches(data: torch.Tensor, batch_size: int, seed: int):
+    """Batches drawn with replacement from ``data`` by a generator seeded with ``seed``: the
+    same stream for every contender of a race."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield data[torch.randint(len(data), (batch_size,), generator=g)]
+
+
+def optimizer_step(contender: Contender, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One gradient step of ``contender`` on ``loss``."""
+    optimizer.zero_grad()
+    backward(contender, loss)
+    optimizer.step()
+
+
 def bench_parser(doc: str, out: str, iters: int, batch_size: int, test_size: int,
                  iters_help: str = "training iterations") -> argparse.ArgumentParser:
     """The options every benchmark has: budget, optimiser, seed, threads and results file."""

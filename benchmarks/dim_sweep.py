@@ -25,7 +25,7 @@ import torch
 from pyro_ffjord import runs
 from pyro_ffjord.datasets import mnist, toy
 
-from common import Discrete, OurFFJORD, backward, bench_parser, markdown_table, write_results
+from common import Discrete, OurFFJORD, bench_parser, markdown_table, minibatches, optimizer_step, write_results
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 
@@ -53,15 +53,12 @@ def realistic(dim: int, n_test: int, data_dir: str, seed: int):
 
 def run(contender, train, test, args) -> dict:
     optimizer = torch.optim.Adam(contender.module.parameters(), lr=args.lr)
-    g = torch.Generator().manual_seed(args.seed)
+    batches = minibatches(train, args.batch_size, args.seed)
     iters, spent = 0, 0.0
     while spent < args.seconds:
-        batch = train[torch.randint(len(train), (args.batch_size,), generator=g)]
+        batch = next(batches)
         t0 = time.perf_counter()
-        loss = contender.loss(batch)
-        optimizer.zero_grad()
-        backward(contender, loss)
-        optimizer.step()
+        optimizer_step(contender, optimizer, contender.loss(batch))
         spent += time.perf_counter() - t0
         iters += 1
     t0 = time.perf_counter()

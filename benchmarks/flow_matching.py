@@ -31,7 +31,7 @@ import torch
 from pyro_ffjord import flow_matching_loss, runs
 from pyro_ffjord.datasets import tabular, toy
 
-from common import OurFFJORD, backward, bench_parser, markdown_table, write_results
+from common import OurFFJORD, bench_parser, markdown_table, minibatches, optimizer_step, write_results
 
 MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 
@@ -68,16 +68,13 @@ class Contender(OurFFJORD):
 
 def race(contender: Contender, train, test, args) -> dict:
     optimizer = torch.optim.Adam(contender.module.parameters(), lr=args.lr)
-    g = torch.Generator().manual_seed(args.seed)
+    batches = minibatches(train, args.batch_size, args.seed)
     marks = [args.seconds * (k + 1) / args.scores for k in range(args.scores)]
     iters, spent, curve = 0, 0.0, []
     while marks:
-        batch = train[torch.randint(len(train), (args.batch_size,), generator=g)]
+        batch = next(batches)
         t0 = time.perf_counter()
-        loss = contender.loss(batch)
-        optimizer.zero_grad()
-        backward(contender, loss)
-        optimizer.step()
+        optimizer_step(contender, optimizer, contender.loss(batch))
         spent += time.perf_counter() - t0
         iters += 1
         if spent >= marks[0]:

@@ -26,7 +26,7 @@ import torch
 from pyro_ffjord import runs
 from pyro_ffjord.datasets import tabular
 
-from common import Discrete, OurFFJORD, backward, bench_parser, markdown_table, write_results
+from common import Discrete, OurFFJORD, bench_parser, markdown_table, minibatches, optimizer_step, write_results
 
 
 def score(contender, data) -> tuple:
@@ -54,11 +54,11 @@ def nll_se(contender, data) -> tuple:
 
 def race(contender, data, args) -> dict:
     optimizer = torch.optim.Adam(contender.module.parameters(), lr=args.lr)
-    g = torch.Generator().manual_seed(args.seed)
+    batches = minibatches(data.train, args.batch_size, args.seed)
     marks = [args.seconds * (k + 1) / args.scores for k in range(args.scores)]
     iters, spent, curve, diverged = 0, 0.0, [], None
     while marks:
-        batch = data.train[torch.randint(len(data.train), (args.batch_size,), generator=g)]
+        batch = next(batches)
         t0 = time.perf_counter()
         try:  # a flow whose parameters went non-finite fails Pyro's support check: it diverged
             loss = contender.loss(batch)
@@ -67,9 +67,7 @@ def race(contender, data, args) -> dict:
         except ValueError as exc:
             diverged = {"iteration": iters + 1, "train_seconds": spent, "error": str(exc).splitlines()[0][:200]}
             break
-        optimizer.zero_grad()
-        backward(contender, loss)
-        optimizer.step()
+        optimizer_step(contender, optimizer, loss)
         spent += time.perf_counter() - t0
         iters += 1
         if spent >= marks[0]:
