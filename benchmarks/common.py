@@ -9,7 +9,11 @@ A contender wraps one density model behind the same three calls (``loss``, ``tes
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Dict
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, List
 
 import torch
 import pyro.distributions as dist
@@ -194,6 +198,23 @@ class Discrete:
     def test_nll(self, data: torch.Tensor, chunk: int = 1000) -> float:
         with torch.no_grad():
             return -torch.cat([self.dist().log_prob(c) for c in data.split(chunk)]).mean().item()
+
+
+def example_modules(*names: str) -> List[ModuleType]:
+    """Modules of ``examples/`` (e.g. an example's configurations and score), loaded by path in
+    the order given, so that a benchmark run as a script measures exactly what the example
+    does without putting ``examples/`` on ``sys.path``. Each is registered under its own name,
+    so a later one can import an earlier one (``image_model`` imports ``density_common``)."""
+    folder = Path(__file__).resolve().parent.parent / "examples"
+    loaded = []
+    for name in names:
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        loaded.append(sys.modules[name])
+    return loaded
 
 
 def backward(contender: Contender, loss: torch.Tensor) -> None:

@@ -33,16 +33,16 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-import image_model as model  # noqa: E402  (the example's configurations, data and score)
-from common import bench_parser, markdown_table, write_results  # noqa: E402
-from density_common import save_figure  # noqa: E402
-from pyro_ffjord import bits_per_dim, dequantize, runs  # noqa: E402
+from common import bench_parser, example_modules, markdown_table, write_results
+from pyro_ffjord import bits_per_dim, dequantize, runs
+
+# the example's configurations, data and score, and its figure helper
+density_common, model = example_modules("density_common", "image_model")
+save_figure = density_common.save_figure
 
 TRAIN_IMAGES, PAPER_BATCH = 50_000, 200
 

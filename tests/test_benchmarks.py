@@ -3,6 +3,7 @@ results JSON with the expected keys and finite numbers (timings are never assert
 
 import json
 import math
+import pathlib
 import re
 
 import pytest
@@ -167,3 +168,18 @@ def test_flow_matching_smoke(tmp_path):
     for row in saved["rows"]:
         assert row["iterations"] >= 1 and len(row["curve"]) == 2 and finite(row["final_test_nll"])
     assert saved["rows"][0]["x_mle_time_to_target"] == 1.0
+
+
+@pytest.mark.skipif(not (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+                         / "train-images-idx3-ubyte.gz").exists(), reason="no MNIST copy")
+def test_image_budget_smoke(tmp_path):
+    import image_budget
+
+    saved = run_benchmark(image_budget, tmp_path / "ib.json", "--seconds", "0.3", "--scores", "1", "--test-size", "2",
+                          "--batch-size", "2", "--hidden", "4", "--scales", "2", "--blocks", "1", "--warmup-iters", "1",
+                          "--probes", "1")
+    assert [r["config"] for r in saved["rows"]] == ["paper", "fast"]
+    for row in saved["rows"]:
+        assert row["iterations"] >= 1 and finite(row["final_test_bpd"], row["seconds_per_iteration"])
+        assert "PROJECTION" in row["projection"]["label"]
+    assert (tmp_path / "ib.png").exists()
