@@ -35,6 +35,12 @@ Ctrl-C, which then exits); ``--resume`` continues exactly and refuses other opti
     python examples/image_density.py --config fast --max-minutes 60 --test-points 1000
     python examples/image_density.py --quick   # seconds: 2 scales (3 CNFs of 8 channels), 6 batches of 8
 
+``--objective fm`` trains by conditional flow matching (``pyro_ffjord.flow_matching_loss``, no
+solve in training) instead: it regresses one field, so the model is one CNF at one scale
+(``--scales 1 --blocks 1``, the default under ``fm``) between the standard normal and the logit of
+the dequantized pixels, with the configuration's field, T and evaluation; no RNODE term (it
+regularizes solves, and there are none). Scored exactly as under ``mle``.
+
 On a CPU either configuration is budget-limited (``--max-minutes``; a 28x28 batch of 200 costs
 minutes per iteration): read such a result as one, not as the paper's protocol.
 """
@@ -52,7 +58,7 @@ import torch
 
 import density_common as common
 import image_model as model
-from pyro_ffjord import bits_per_dim, dequantize, runs
+from pyro_ffjord import bits_per_dim, dequantize, flow_matching_loss, runs
 
 FULL = dict(iters=100_000, valid_every=1000, valid_points=1000, test_points=10_000, probes=4, samples=64)
 QUICK = dict(iters=6, valid_every=3, valid_points=8, test_points=8, probes=2, samples=16, batch_size=8,
@@ -74,7 +80,8 @@ def main(args) -> dict:
     flow, density = model.build(options, device)
     optimizer = torch.optim.Adam(flow.parameters(), lr=args.lr)
 
-    training = runs.Training(args, out / "checkpoint.pt", runs.run_config(args, free=FREE))
+    config = runs.run_config(args, free=FREE + common.objective_free(args))  # fm: its options too
+    training = runs.Training(args, out / "checkpoint.pt", config)
     state = common.new_state(flow.flows, nfe=[], nfe_backward=[])
     common.resume(training, flow, flow.flows, optimizer, state)  # refuses a checkpoint of other options
     checkpoint = common.checkpointer(state, flow, flow.flows, optimizer)
@@ -93,12 +100,18 @@ def main(args) -> dict:
     def step(it: int) -> float:  # one Adam step on iteration it's batch
         for group in optimizer.param_groups:  # the reference's linear warm-up
             group["lr"] = args.lr * min(1.0, (it + 1) / args.warmup_iters) if args.warmup_iters else args.lr
-        loss = bits_per_dim(density.log_prob(batch(it)), model.NUM_DIMS).mean()
         optimizer.zero_grad()
-        (loss + flow.regularization).backward()
+        if args.objective == "fm":  # one CNF (parse_args); its data end is the logit of the pixels
+            loss = flow_matching_loss(flow.flows[0], flow.parts[-1].inv(batch(it)), coupling=args.coupling,
+                                      sigma_min=args.sigma_min)
+            loss.backward()
+        else:
+            loss = bits_per_dim(density.log_prob(batch(it)), model.NUM_DIMS).mean()
+            (loss + flow.regularization).backward()
         optimizer.step()
-        state["nfe"].append([f.nfe_forward for f in flow.flows])
-        state["nfe_backward"].append(sum(f.nfe_backward for f in flow.flows))  # adjoint solves
+        solved = args.objective == "mle"  # flow matching solves nothing in training
+        state["nfe"].append([f.nfe_forward if solved else 0 for f in flow.flows])
+        state["nfe_backward"].append(sum(f.nfe_backward for f in flow.flows) if solved else 0)  # adjoint solves
         return loss.item()
 
     def progress() -> dict:
@@ -117,16 +130,20 @@ def main(args) -> dict:
     res = model.score(flow, density, test, args.probes, args.eval_batch_size)
     eval_seconds = time.perf_counter() - t_eval
     timing = training.summary()  # resumed, segments, train_seconds (all segments)
-    title = (f"FFJORD on MNIST ({args.config}), {done} iterations, {training.describe()}: test "
+    how = f"{args.config}, flow matching" if args.objective == "fm" else args.config
+    title = (f"FFJORD on MNIST ({how}), {done} iterations, {training.describe()}: test "
              f"{res['bpd']:.3f} ± {res['se']:.3f} bits/dim (paper {model.PAPER_BPD})")
     model.save_samples(os.path.join(args.out, "samples.png"), flow, density, args.samples, title)
     common.plot_learning_curves(os.path.join(args.out, "bpd_curve.png"), state["clock"], state["losses"],
-                                state["history"], "valid_bpd", title, best_iteration, ylabel="bits/dim",
-                                train_label="training batch (training solver)", valid_label="validation (dopri5)",
+                                state["history"], "valid_bpd", title, best_iteration,
+                                ylabel="bits/dim; training: flow-matching loss" if args.objective == "fm" else "bits/dim",
+                                train_label="training batch flow-matching loss" if args.objective == "fm"
+                                else "training batch (training solver)", valid_label="validation (dopri5)",
                                 reference=(f"paper ({model.PAPER_BPD})", model.PAPER_BPD))
     nfe = np.array(state["nfe"] or [[0] * len(flow.flows)], dtype=float)
     results = {
-        "dataset": args.dataset, "config": args.config, "image_shape": list(model.IMAGE_SHAPE),
+        "dataset": args.dataset, "config": args.config, **common.objective_results(args),
+        "image_shape": list(model.IMAGE_SHAPE),
         "data": dict(source=data.source, train_images=len(train), valid_points=len(valid),
                      pixels="round(255 x) of the loader's k / 255 (exact), dequantized (k + u) / 256"),
         "flow_options": model.describe(flow, options), "params": sum(p.numel() for p in flow.parameters()),
@@ -163,6 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", choices=model.CONFIGS, default="paper",
                    help="paper: the reference's MNIST run; fast: the same model, fixed rk4 steps and RNODE")
     t = p.add_argument_group("training")
+    common.add_objective_args(t)
     common.add_training_args(t, FULL, QUICK, checkpoint_every=500)
     t.add_argument("--subset", type=count, default=None, help="train on the first N training images")
     t.add_argument("--batch-size", type=count, default=None, help="default 200 (--quick 8)")
@@ -170,8 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--warmup-iters", type=whole, default=None, help="linear lr warm-up (default 1000; --quick 2)")
     f = p.add_argument_group("flow (overrides of --config)")
     f.add_argument("--hidden", type=count, nargs="+", default=None, help="channels of each field (--quick 8)")
-    f.add_argument("--scales", type=count, default=None, help="default 3 for 28x28 (--quick 2)")
-    f.add_argument("--blocks", type=count, default=None, help="CNFs per block (default 2; --quick 1)")
+    f.add_argument("--scales", type=count, default=None, help="default 3 for 28x28 (--quick 2; fm 1)")
+    f.add_argument("--blocks", type=count, default=None, help="CNFs per block (default 2; --quick 1; fm 1)")
     f.add_argument("--tol", type=rate, default=None, help="atol = rtol of dopri5 (default 1e-5; --quick 1e-3)")
     f.add_argument("--kinetic", type=weight, default=None, help="RNODE weight (paper 0, fast 0.01)")
     f.add_argument("--jacobian", type=weight, default=None, help="RNODE weight (paper 0, fast 0.01)")
@@ -185,6 +203,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     runs.add_run_args(p, out=None, resume=True, threads=None, out_note="out/image/mnist-<config>",
                       threads_note="64-channel convolutions on batches of 200 use every core")
     args = common.parse(p, argv, out="out/image/{dataset}-{config}")
+    common.check_objective(p, args)
+    if args.objective == "fm":  # flow matching regresses one field: one CNF at one scale
+        for name in ("scales", "blocks"):
+            if getattr(args, name) not in (None, 1):
+                p.error(f"--objective fm trains a single CNF: --{name} must be 1 (it is by default under fm), "
+                        f"got {getattr(args, name)}; use --objective mle for the multiscale model")
+            setattr(args, name, 1)
+        for name in ("kinetic", "jacobian"):
+            if getattr(args, name):
+                p.error(f"--{name} regularizes the training solve, and --objective fm has none")
+            setattr(args, name, 0.0)
     runs.fill_defaults(args, {**{k: None for k in QUICK}, **FULL, **model.TRAINING}, QUICK)
     return args
 

@@ -172,3 +172,30 @@ def test_reported_bits_per_dim_is_bits_per_dim_of_the_models_log_prob(tmp_path):
     # and by hand: bits/dim = -(log p(x) - D log 256) / (D log 2)
     by_hand = -(log_p - 784 * math.log(256)).mean() / (784 * math.log(2))
     assert res["test_bpd"] == pytest.approx(float(by_hand), abs=1e-6)
+
+
+@needs_mnist
+def test_flow_matching_trains_one_cnf_and_is_scored_alike(tmp_path):
+    res = run(tmp_path, "--config", "fast", "--subset", "40", "--objective", "fm", "--coupling", "independent")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (saved["objective"], saved["coupling"], saved["sigma_min"]) == ("fm", "independent", 1e-4)
+    assert saved["train_loss_kind"] == "flow matching" and len(saved["losses"]) == 6
+    options = saved["flow_options"]
+    assert (options["num_cnfs"], options["scales"], options["kinetic"], options["jacobian"]) == (1, 1, 0.0, 0.0)
+    assert saved["nfe_train_per_iteration"] == 0  # no solve in training
+    assert saved["nfe_eval_per_solve"] > 0 and math.isfinite(res["test_bpd"]) and saved["test_finite"]
+    assert all(math.isfinite(v) and v > 0 for v in saved["losses"])
+    # The loss is the field's regression on the logit of the pixels, the CNF's data end.
+    assert saved["losses"][0] > 10  # logit pixels reach |y| ~ 14 (alpha 1e-6): far from N(0, 1)
+    assert (tmp_path / "samples.png").read_bytes()[:8] == PNG
+
+
+def test_flow_matching_refuses_a_multiscale_model_and_rnode(capsys):
+    for argv, message in ((("--scales", "2"), "--scales must be 1"), (("--blocks", "2"), "--blocks must be 1"),
+                          (("--kinetic", "0.1"), "--kinetic regularizes the training solve")):
+        with pytest.raises(SystemExit) as exit:
+            image_density.parse_args(["--objective", "fm", *argv])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+    args = image_density.parse_args(["--objective", "fm", "--quick"])
+    assert (args.scales, args.blocks, args.coupling, args.kinetic) == (1, 1, "ot", 0.0)
+    assert image_density.parse_args([]).scales is None  # the multiscale default under mle
