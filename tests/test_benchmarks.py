@@ -164,10 +164,20 @@ def test_flow_matching_smoke(tmp_path):
         ["--seconds", "0.2", "--scores", "2", "--test-size", "50", "--problems", "8gaussians", "--out", str(out)]))
     saved = json.loads(out.read_text())
     check_header(saved, "flow_matching")
-    assert [r["objective"] for r in saved["rows"]] == ["mle", "mle", "fm", "fm"]
+    assert [r["objective"] for r in saved["rows"]] == ["mle", "mle", "fm", "fm", "fm, then mle"]
     for row in saved["rows"]:
         assert row["iterations"] >= 1 and len(row["curve"]) == 2 and finite(row["final_test_nll"])
     assert saved["rows"][0]["x_mle_time_to_target"] == 1.0
+    assert saved["rows"][-1]["switch_seconds"] == 0.1
+
+
+def test_flow_matching_scoring_times_are_geometric():
+    import flow_matching
+
+    times = flow_matching.scoring_times(64.0, 7)
+    assert times[0] == pytest.approx(64.0 * 64 ** (-6 / 7)) and times[-1] == pytest.approx(64.0)
+    ratios = [b / a for a, b in zip(times, times[1:])]
+    assert ratios == pytest.approx([64 ** (1 / 7)] * 6)
 
 
 @pytest.mark.skipif(not (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
