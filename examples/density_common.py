@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pyro_ffjord import runs  # noqa: E402
+from pyro_ffjord import distributed, runs  # noqa: E402
 
 
 # -- command line: the options of the training loop, the output folder --------------------------
@@ -143,7 +143,13 @@ def checkpointer(state: Dict[str, Any], model: nn.Module, cnfs: Sequence[nn.Modu
 def epoch_batches(n: int, batch_size: int, seed: int) -> Callable[[int], Tensor]:
     """``batch(it)``: the indices (of ``n`` rows) of iteration ``it``'s batch. Epoch ``e`` visits
     the rows in the order ``np.random.default_rng([seed, e]).permutation(n)``, which depends on
-    ``(seed, e)`` only: a resumed run draws the same batches with nothing saved."""
+    ``(seed, e)`` only: a resumed run draws the same batches with nothing saved.
+
+    Under torchrun every rank draws this same global batch and trains on its contiguous share
+    (:meth:`~pyro_ffjord.distributed.World.share`). Like ``DistributedSampler`` with
+    ``set_epoch(e)``, all ranks shuffle with one epoch-seeded permutation and see disjoint rows;
+    unlike it (which strides each rank over the whole epoch), step ``it``'s global batch is the
+    single-process one, so a run on N processes is the same run as on one, and resumes on any."""
     per_epoch, order = math.ceil(n / batch_size), {}
 
     def batch(it: int) -> Tensor:
@@ -157,10 +163,22 @@ def epoch_batches(n: int, batch_size: int, seed: int) -> Callable[[int], Tensor]
 
 
 # -- the training loop --------------------------------------------------------------------------
+def parallel(world: distributed.World, training: runs.Training, args: argparse.Namespace, state: Mapping[str, Any],
+             loss: Callable[..., Tensor], *modules: nn.Module) -> nn.Module:
+    """The training loss ``loss(batch)`` as a module, wrapped in DistributedDataParallel under
+    torchrun (a single process: as it is), after :func:`resume` loaded the parameters, so DDP
+    starts every rank from the same ones. A resumed run's ranks ``r > 0`` are reseeded
+    (:meth:`~pyro_ffjord.distributed.World.reseed_resumed`: the checkpoint holds rank 0's
+    random state). Flow matching leaves a learned end time out of the loss: DDP is told so."""
+    if training.resumed:
+        world.reseed_resumed(args.seed, state["iteration"])
+    return world.wrap(distributed.Objective(loss, *modules), find_unused=args.objective == "fm")
+
+
 def run_training(args: argparse.Namespace, training: runs.Training, state: Dict[str, Any],
                  checkpoint: Callable[[], Dict[str, Any]], step: Callable[[int], float],
                  validate: Callable[[int], None], desc: str, progress: Callable[[], Dict[str, Any]],
-                 stopped: Callable[[], bool] = lambda: False) -> str:
+                 stopped: Callable[[], bool] = lambda: False, world: Optional[distributed.World] = None) -> str:
     """The training loop: ``step(it)`` (one optimizer step on iteration ``it``'s batch, returning
     its loss) for ``it`` from ``state["iteration"]`` to ``args.iters``, on ``training``'s clock,
     with a progress bar (``desc``, and ``progress()``'s entries). After each step: its loss and
@@ -168,16 +186,21 @@ def run_training(args: argparse.Namespace, training: runs.Training, state: Dict[
     and a checkpoint when due (every ``args.checkpoint_every`` iterations, at the end, when it
     stops; :meth:`~pyro_ffjord.runs.Training.step` adds its own). It stops early once
     ``args.max_minutes`` of training passed (0: no limit) or ``stopped()``. Returns
-    ``"iters"`` or ``"max_minutes"``: why it ended, unless ``stopped()`` (the caller's reason)."""
-    budget = 60.0 * args.max_minutes
+    ``"iters"`` or ``"max_minutes"``: why it ended, unless ``stopped()`` (the caller's reason).
+
+    Under torchrun (``world``, :mod:`pyro_ffjord.distributed`): rank 0 alone writes checkpoints
+    and its clock decides the time budget for every rank; ``stopped()`` must agree on all ranks
+    (the caller broadcasts its decisions)."""
+    budget, world = 60.0 * args.max_minutes, world or distributed.World()
 
     def out_of_time() -> bool:
-        return budget > 0 and training.elapsed() >= budget
+        return budget > 0 and world.broadcast(training.elapsed() >= budget)
 
     start = state["iteration"]
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc=desc, disable=args.no_progress,
                dynamic_ncols=True)
     with training.loop(start):
+        training.segments[-1]["world_size"] = world.world_size  # a resumed run may use another
         for it in bar:
             if stopped() or out_of_time():
                 break
@@ -189,8 +212,10 @@ def run_training(args: argparse.Namespace, training: runs.Training, state: Dict[
                 validate(done)
             bar.set_postfix(**progress(), refresh=False)
             every = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-            training.step(done, checkpoint, due=every or done == args.iters or stopped() or out_of_time())
-        if not training.path.exists():  # --iters 0: still leave a checkpoint
+            due = every or done == args.iters or stopped() or out_of_time()
+            if world.is_main:
+                training.step(done, checkpoint, due=due)
+        if world.is_main and not training.path.exists():  # --iters 0: still leave a checkpoint
             training.save(state["iteration"], checkpoint)
     bar.close()
     return "iters" if state["iteration"] >= args.iters else "max_minutes"

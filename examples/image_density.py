@@ -53,12 +53,11 @@ import os
 import time
 
 import numpy as np
-import pyro
 import torch
 
 import density_common as common
 import image_model as model
-from pyro_ffjord import bits_per_dim, dequantize, flow_matching_loss, runs
+from pyro_ffjord import bits_per_dim, dequantize, distributed, flow_matching_loss, runs
 
 FULL = dict(iters=100_000, valid_every=1000, valid_points=1000, test_points=10_000, probes=4, samples=64)
 QUICK = dict(iters=6, valid_every=3, valid_points=8, test_points=8, probes=2, samples=16, batch_size=8,
@@ -69,14 +68,16 @@ FREE = ("iters", "max_minutes", "test_points", "samples", "data_dir")
 
 def main(args) -> dict:
     data = model.load(args.data_dir)  # before anything is written
+    world = distributed.setup(args)  # under torchrun: one of several processes (docs/distributed.md)
     out = runs.start(args)
     start_wall, device = time.perf_counter(), torch.device(args.device)
     train = data.train[: args.subset] if args.subset else data.train
+    world.per_rank(args.batch_size, len(train))  # the global batch must split evenly
     valid = dequantize(data.valid[: args.valid_points], torch.Generator().manual_seed(model.VALID_SEED)).to(device)
     test = dequantize(data.test[: args.test_points], torch.Generator().manual_seed(model.TEST_SEED)).to(device)
     options = model.flow_options(args.config, args.hidden, args.scales, args.blocks, args.tol, args.kinetic,
                                  args.jacobian, args.eval_trace)
-    pyro.set_rng_seed(args.seed)  # initialisation, dequantization noise and Hutchinson probes
+    world.seed(args.seed)  # initialisation, dequantization noise and Hutchinson probes (seed + rank)
     flow, density = model.build(options, device)
     optimizer = torch.optim.Adam(flow.parameters(), lr=args.lr)
 
@@ -87,10 +88,19 @@ def main(args) -> dict:
     checkpoint = common.checkpointer(state, flow, flow.flows, optimizer)
     indices = common.epoch_batches(len(train), args.batch_size, args.seed)
 
-    def batch(it: int) -> torch.Tensor:  # fresh dequantization noise every batch
-        return dequantize(train[indices(it)]).to(device)
+    def loss_of(x: torch.Tensor):  # (the loss, what is minimised) of a batch (this rank's share)
+        if args.objective == "fm":  # one CNF (parse_args); its data end is the logit of the pixels
+            loss = flow_matching_loss(flow.flows[0], flow.parts[-1].inv(x), coupling=args.coupling,
+                                      sigma_min=args.sigma_min)
+            return loss, loss
+        loss = bits_per_dim(density.log_prob(x), model.NUM_DIMS).mean()
+        return loss, loss + flow.regularization
 
-    def validate(done: int) -> None:
+    objective = common.parallel(world, training, args, state, loss_of, flow)  # DDP under torchrun
+
+    def validate(done: int) -> None:  # rank 0 alone (no decision hangs on it)
+        if not world.is_main:
+            return
         with training.paused():  # not training time
             v = model.score(flow, density, valid, args.probes, args.eval_batch_size)
         state["history"].append(dict(iteration=done, seconds=training.elapsed(), valid_bpd=v["bpd"],
@@ -101,25 +111,25 @@ def main(args) -> dict:
         for group in optimizer.param_groups:  # the reference's linear warm-up
             group["lr"] = args.lr * min(1.0, (it + 1) / args.warmup_iters) if args.warmup_iters else args.lr
         optimizer.zero_grad()
-        if args.objective == "fm":  # one CNF (parse_args); its data end is the logit of the pixels
-            loss = flow_matching_loss(flow.flows[0], flow.parts[-1].inv(batch(it)), coupling=args.coupling,
-                                      sigma_min=args.sigma_min)
-            loss.backward()
-        else:
-            loss = bits_per_dim(density.log_prob(batch(it)), model.NUM_DIMS).mean()
-            (loss + flow.regularization).backward()
+        rows = indices(it)
+        x = dequantize(train[world.share(rows)]).to(device)  # fresh dequantization noise every batch
+        loss, total = objective(x)
+        world.scale(total, len(x), len(rows)).backward()  # DDP averages the ranks' gradients
         optimizer.step()
         solved = args.objective == "mle"  # flow matching solves nothing in training
         state["nfe"].append([f.nfe_forward if solved else 0 for f in flow.flows])
         state["nfe_backward"].append(sum(f.nfe_backward for f in flow.flows) if solved else 0)  # adjoint solves
-        return loss.item()
+        return world.mean(loss.item(), len(x))  # the global batch's loss
 
     def progress() -> dict:
         return dict(bpd=f"{state['losses'][-1]:.3f}", valid=f"{state['best_valid']:.3f}", nfe=sum(state["nfe"][-1]))
 
     start = state["iteration"]
     flow.train()
-    stopped = common.run_training(args, training, state, checkpoint, step, validate, f"mnist {args.config}", progress)
+    stopped = common.run_training(args, training, state, checkpoint, step, validate, f"mnist {args.config}", progress,
+                                  world=world)
+    if not world.is_main:
+        return {}  # rank 0 tests, draws and writes
     done = state["iteration"]
 
     # Test the best model on validation; the last iterate competes if it was never validated.
@@ -147,7 +157,8 @@ def main(args) -> dict:
         "data": dict(source=data.source, train_images=len(train), valid_points=len(valid),
                      pixels="round(255 x) of the loader's k / 255 (exact), dequantized (k + u) / 256"),
         "flow_options": model.describe(flow, options), "params": sum(p.numel() for p in flow.parameters()),
-        "batch_size": args.batch_size, "lr": args.lr, "warmup_iters": args.warmup_iters, "iterations": done,
+        "batch_size": args.batch_size, **world.describe(args.seed, args.batch_size), "lr": args.lr,
+        "warmup_iters": args.warmup_iters, "iterations": done,
         "stopped": stopped, "resumed_from": start if training.resumed else None, **timing,
         "seconds_per_iteration": timing["train_seconds"] / done if done else None, "eval_seconds": eval_seconds,
         "wall_seconds": time.perf_counter() - start_wall,
@@ -202,6 +213,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--samples", type=count, default=None, help="images in samples.png (default 64; --quick 16)")
     runs.add_run_args(p, out=None, resume=True, threads=None, out_note="out/image/mnist-<config>",
                       threads_note="64-channel convolutions on batches of 200 use every core")
+    distributed.add_args(p)  # --dist-timeout (torchrun)
     args = common.parse(p, argv, out="out/image/{dataset}-{config}")
     common.check_objective(p, args)
     if args.objective == "fm":  # flow matching regresses one field: one CNF at one scale

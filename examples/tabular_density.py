@@ -59,12 +59,11 @@ import math
 import os
 import time
 
-import pyro
 import torch
 
 import density_common as common
 import tabular_model as model
-from pyro_ffjord import flow_matching_loss, runs
+from pyro_ffjord import distributed, flow_matching_loss, runs
 from pyro_ffjord.datasets import tabular
 
 # The reference configuration per data set. Rows (nhidden = hidden layers of the field,
@@ -101,13 +100,15 @@ EVALUATION = "eval mode (exact trace, adaptive solver); mean -log p of the test 
 
 def main(args) -> dict:
     data = model.load(args.dataset, args.data_dir)  # before anything is written
+    world = distributed.setup(args)  # under torchrun: one of several processes (docs/distributed.md)
+    world.per_rank(args.batch_size, len(data.train))  # the global batch must split evenly
     out = runs.start(args)
     start_wall, device = time.perf_counter(), torch.device(args.device)
     train, valid, test = (s.to(device) for s in (data.train, data.valid[: args.valid_points],
                                                  data.test[: args.test_points]))
     blocks, options = model.flow_setup(args.config, PAPER[args.dataset], data.dim, args.num_blocks, args.width,
                                        args.tol, args.quick)
-    pyro.set_rng_seed(args.seed)  # initialisation and Hutchinson probes
+    world.seed(args.seed)  # initialisation and Hutchinson probes (seed + rank)
     flows, density = model.build_density(data.dim, blocks, options, device)
     optimizer = torch.optim.Adam(flows.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
@@ -118,30 +119,36 @@ def main(args) -> dict:
     checkpoint = common.checkpointer(state, flows, flows, optimizer)
     indices = common.epoch_batches(len(train), args.batch_size, args.seed)
 
-    def batch(it: int) -> torch.Tensor:
-        return train[indices(it).to(device)]
+    def loss_of(x: torch.Tensor) -> torch.Tensor:  # the mean loss of a batch (of this rank's share)
+        if args.objective == "fm":  # one block (parse_args): its field regressed, no solve
+            return flow_matching_loss(flows[0], x, coupling=args.coupling, sigma_min=args.sigma_min)
+        return -density.log_prob(x).mean()
 
-    def validate(done: int) -> None:
-        with training.paused():  # not training time
-            v = model.score(flows, density, valid, args.eval_batch_size)
-        state["history"].append(dict(iteration=done, seconds=training.elapsed(), valid_nll=v["nll"], nfe=v["nfe"]))
-        state["bad"] = 0 if common.keep_if_best(state, flows, v["nll"], done) else state["bad"] + 1
-        third = args.patience // 3  # the reference's schedule: lr / 10, then lr / 100
-        state["decays"] = max(state["decays"], 2 if state["bad"] > 2 * third else int(state["bad"] > third))
+    objective = common.parallel(world, training, args, state, loss_of, flows)  # DDP under torchrun
+
+    def validate(done: int) -> None:  # on rank 0; its decisions reach every rank
+        if world.is_main:
+            with training.paused():  # not training time
+                v = model.score(flows, density, valid, args.eval_batch_size)
+            state["history"].append(dict(iteration=done, seconds=training.elapsed(), valid_nll=v["nll"],
+                                         nfe=v["nfe"]))
+            state["bad"] = 0 if common.keep_if_best(state, flows, v["nll"], done) else state["bad"] + 1
+            third = args.patience // 3  # the reference's schedule: lr / 10, then lr / 100
+            state["decays"] = max(state["decays"], 2 if state["bad"] > 2 * third else int(state["bad"] > third))
+        state.update(world.broadcast({k: state[k] for k in ("bad", "decays")}))
         for group in optimizer.param_groups:
             group["lr"] = args.lr / 10 ** state["decays"]
         if state["bad"] > args.patience:
             state["stopped"] = "patience"
 
-    def step(it: int) -> float:  # one Adam step on iteration it's batch
-        if args.objective == "fm":  # one block (parse_args): its field regressed, no solve
-            loss = flow_matching_loss(flows[0], batch(it), coupling=args.coupling, sigma_min=args.sigma_min)
-        else:
-            loss = -density.log_prob(batch(it)).mean()
+    def step(it: int) -> float:  # one Adam step on iteration it's batch (this rank's share of it)
+        rows = indices(it)
+        x = train[world.share(rows).to(device)]
+        loss = objective(x)
         optimizer.zero_grad()
-        loss.backward()
+        world.scale(loss, len(x), len(rows)).backward()  # DDP averages the ranks' gradients
         optimizer.step()
-        return loss.item()
+        return world.mean(loss.item(), len(x))  # the global batch's loss
 
     def progress() -> dict:
         return dict(loss=f"{state['losses'][-1]:.3f}", valid=f"{state['best_valid']:.3f}",
@@ -150,7 +157,9 @@ def main(args) -> dict:
     start = state["iteration"]
     flows.train()
     ended = common.run_training(args, training, state, checkpoint, step, validate, f"{args.dataset} {args.config}",
-                                progress, stopped=lambda: bool(state["stopped"]))
+                                progress, stopped=lambda: bool(state["stopped"]), world=world)
+    if not world.is_main:
+        return {}  # rank 0 tests, draws and writes
     stopped = state["stopped"] or ended  # early stopping, else iters or max_minutes
 
     # Test the best model on validation; the last iterate competes if it was never validated.
@@ -176,7 +185,8 @@ def main(args) -> dict:
         "dataset": args.dataset, "config": args.config, **common.objective_results(args), "dim": data.dim,
         "data": dict(source=data.source, sizes=list(data.sizes), valid_points=len(valid), **data.info),
         "flow_options": model.describe(flows), "params": sum(p.numel() for p in flows.parameters()),
-        "batch_size": args.batch_size, "lr": args.lr, "iterations": done, "stopped": stopped,
+        "batch_size": args.batch_size, **world.describe(args.seed, args.batch_size), "lr": args.lr,
+        "iterations": done, "stopped": stopped,
         "resumed_from": start if training.resumed else None, **timing,
         "seconds_per_iteration": timing["train_seconds"] / done if done else None,
         "eval_seconds": eval_seconds, "wall_seconds": time.perf_counter() - start_wall,
@@ -219,6 +229,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--eval-batch-size", type=count, default=1000, help="points per evaluation solve")
     runs.add_run_args(p, out=None, resume=True, threads=None, out_note="out/tabular/<dataset>-<config>",
                       threads_note="the reference fields are 10-20 x D wide, batches 1000-10000")
+    distributed.add_args(p)  # --dist-timeout (torchrun)
     args = common.parse(p, argv, out="out/tabular/{dataset}-{config}")
     common.check_objective(p, args)
     if args.objective == "fm":

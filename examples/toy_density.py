@@ -49,14 +49,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 from torchdiffeq import odeint  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import density_common as common  # noqa: E402
-from pyro_ffjord import FFJORD, flow_matching_loss, runs  # noqa: E402
+from pyro_ffjord import FFJORD, distributed, flow_matching_loss, runs  # noqa: E402
 from pyro_ffjord.datasets import toy  # noqa: E402
 
 LIMIT = 4.0  # pictures show [-LIMIT, LIMIT]^2
@@ -140,17 +139,19 @@ def make_pictures(args, flow: FFJORD, density, title: str) -> float:
 
 def main(args) -> dict:
     runs.fill_defaults(args, full=FULL, quick=QUICK)
+    world = distributed.setup(args)  # under torchrun: one of several processes (docs/distributed.md)
+    world.per_rank(args.batch_size)  # the global batch must split evenly
     out = runs.start(args)
     start_wall, device = time.perf_counter(), torch.device(args.device)
 
-    pyro.set_rng_seed(args.seed)  # initialisation (and Hutchinson probes, if used)
+    world.seed(args.seed)  # initialisation (and Hutchinson probes, if used; seed + rank)
     flow = FFJORD(2, hidden_dims=args.hidden, activation=args.activation, zero_init=args.zero_init, T=args.T,
                   trace=args.trace, solver=args.solver, steps=args.steps, eval_solver="dopri5", atol=args.tol,
                   rtol=args.tol, adjoint=args.adjoint, kinetic=args.kinetic, jacobian=args.jacobian).to(device)
     base = dist.Normal(torch.zeros(2, device=device), torch.ones(2, device=device)).to_event(1)
     density = dist.TransformedDistribution(base, [flow])
     optimizer = torch.optim.Adam(flow.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    rng = np.random.default_rng(args.seed)  # training batches
+    rng = np.random.default_rng(args.seed)  # training batches (the same global batch on every rank)
     test = toy.sample(args.data, args.test_points, seed=TEST_SEED).to(device)
 
     # Checkpoints by iterations, minutes and Ctrl-C; --resume refuses one written with other options.
@@ -162,9 +163,19 @@ def main(args) -> dict:
         flow.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         state.update({k: ck[k] for k in (*state, "test_nll_initial")})
+        world.reseed_resumed(args.seed, state["iteration"])  # ranks > 0: the checkpoint holds rank 0's
     else:
-        state["test_nll_initial"] = test_nll(flow, density, test, args.eval_chunk)["nll"]
+        state["test_nll_initial"] = test_nll(flow, density, test, args.eval_chunk)["nll"] if world.is_main else None
     start, losses, nfes = state["iteration"], state["losses"], state["nfe_forward"]
+
+    def loss_of(batch: torch.Tensor):  # (the loss, what is minimised) of a batch (this rank's share)
+        if args.objective == "fm":  # no solve: the field regressed on the paths' velocities
+            loss = flow_matching_loss(flow, batch, coupling=args.coupling, sigma_min=args.sigma_min)
+            return loss, loss
+        loss = -density.log_prob(batch).mean()
+        return loss, loss if flow.regularization is None else loss + flow.regularization
+
+    objective = world.wrap(distributed.Objective(loss_of, flow), find_unused=args.objective == "fm")  # DDP
 
     def checkpoint() -> dict:
         return {**state, "model": flow.state_dict(), "optimizer": optimizer.state_dict()}
@@ -173,25 +184,26 @@ def main(args) -> dict:
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc=args.data,
                disable=args.no_progress, dynamic_ncols=True)
     with training.loop(start):
+        training.segments[-1]["world_size"] = world.world_size  # a resumed run may use another
         for it in bar:
             batch = toy.sample(args.data, args.batch_size, seed=rng).to(device)
-            if args.objective == "fm":  # no solve: the field regressed on the paths' velocities
-                loss = total = flow_matching_loss(flow, batch, coupling=args.coupling, sigma_min=args.sigma_min)
-            else:
-                loss = -density.log_prob(batch).mean()
-                total = loss if flow.regularization is None else loss + flow.regularization
+            x = world.share(batch)
+            loss, total = objective(x)
             optimizer.zero_grad()
-            total.backward()
+            world.scale(total, len(x), len(batch)).backward()  # DDP averages the ranks' gradients
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(world.mean(loss.item(), len(x)))  # the global batch's loss
             nfes.append(0 if args.objective == "fm" else flow.nfe_forward)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", nfe=nfes[-1], refresh=False)
             state["iteration"] = done = it + 1
             every = args.checkpoint_every and done % args.checkpoint_every == 0
-            training.step(done, checkpoint, due=done == args.iters or every)
-        if start >= args.iters and not training.path.exists():  # --iters 0: still leave a checkpoint
+            if world.is_main:  # rank 0 writes the checkpoints
+                training.step(done, checkpoint, due=done == args.iters or every)
+        if world.is_main and start >= args.iters and not training.path.exists():  # --iters 0: still one
             training.save(start, checkpoint)
     bar.close()
+    if not world.is_main:
+        return {}  # rank 0 tests, draws and writes
 
     t_eval = time.perf_counter()
     res = test_nll(flow, density, test, args.eval_chunk)
@@ -207,6 +219,7 @@ def main(args) -> dict:
     results = {
         "data": args.data, **common.objective_results(args),
         "iterations": iterations, "resumed_from": start if training.resumed else None,
+        "batch_size": args.batch_size, **world.describe(args.seed, args.batch_size),
         **timing, "seconds_per_iteration": train_seconds / len(losses) if losses else None,
         "eval_seconds": eval_seconds, "picture_seconds": picture_seconds,
         "wall_seconds": time.perf_counter() - start_wall, "test_nll": res["nll"], "test_nll_se": res["se"],
@@ -264,6 +277,7 @@ def parse_args(argv=None):
     e.add_argument("--trajectory-points", type=count, default=None, help="default 2000")
     e.add_argument("--trajectory-panels", type=count, default=6)
     e.add_argument("--eval-chunk", type=count, default=2500, help="points per evaluation solve")
+    distributed.add_args(p)  # --dist-timeout (torchrun)
     args = runs.parse(p, argv)
     common.check_objective(p, args)
     return args

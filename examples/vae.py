@@ -70,12 +70,12 @@ import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
-from pyro_ffjord import runs
+from pyro_ffjord import distributed, runs
 from pyro_ffjord.runs import add_run_args, fill_defaults, start, write_results
 from vae_data import DATASETS, default_data_dir, load, unit_of
 from vae_eval import EVALUATION, evaluate, figures
 from vae_flows import add_flow_args, build_flows, ffjord_settings, nfe_total
-from vae_model import H_DIM, VAE, count_params, train_epoch
+from vae_model import H_DIM, VAE, count_params, elbo_loss, train_epoch
 
 # Defaults of the options left unset on the command line: a full run, and --quick (seconds).
 FULL = dict(epochs=100, width=1.0, is_samples=100, is_points=1000, num_flows=4, hypernet_hidden=[256], iaf_hidden=640,
@@ -91,6 +91,7 @@ FREE = ("epochs", "data_dir", "test_points", "is_samples", "is_points", "eval_ba
 
 
 def main(args) -> dict:
+    world = distributed.setup(args)  # under torchrun: one of several processes (docs/distributed.md)
     out = start(args)
     start_wall = time.perf_counter()
 
@@ -102,9 +103,11 @@ def main(args) -> dict:
     valid = data.valid[:valid_points] if valid_points else data.valid
     test = data.test[: args.test_points] if args.test_points else data.test
     dynamic = data.likelihood == "bernoulli" and not bool(((train == 0) | (train == 1)).all())
+    world.per_rank(args.batch_size, len(train))  # the global batch must split evenly
+    per_epoch = math.ceil(len(train) / args.batch_size)  # steps; a checkpoint's position is a step count
 
     pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
+    world.seed(args.seed)  # initialisation and the reparameterised draws (seed + rank)
     vae = VAE(data.image_shape, data.likelihood, args.latent_dim, args.width, build_flows(args, args.latent_dim, H_DIM))
     vae.to(args.device)
     optimizer = torch.optim.Adamax(vae.parameters(), lr=args.lr, eps=1e-7)
@@ -123,6 +126,9 @@ def main(args) -> dict:
         shuffle.set_state(ck["shuffle_rng"])
         binarize.set_state(ck["binarize_rng"])
         run.update((k, ck[k]) for k in run)
+        world.reseed_resumed(args.seed, run["epoch"] * per_epoch + (run["part"] or {}).get("batch", 0))
+    # The parameters exist (built with the modules) and hold their final values: DDP copies rank 0's.
+    objective = world.wrap(distributed.Objective(elbo_loss(vae, elbo), vae))
 
     def checkpoint() -> dict:
         return dict(run, model=vae.state_dict(), optimizer=optimizer.state_dict(), shuffle_rng=shuffle.get_state(),
@@ -132,11 +138,11 @@ def main(args) -> dict:
         return evaluate(vae, valid, args.seed + 2, args.eval_batch_size, args.device, progress=not args.no_progress,
                         desc="valid")["neg_elbo"]
 
-    if run["epoch"] == 0 and args.validate_initial and not run["history"]:
+    if world.is_main and run["epoch"] == 0 and args.validate_initial and not run["history"]:
         run["history"].append({"epoch": 0, "valid_neg_elbo": valid_neg_elbo()})
 
-    per_epoch = math.ceil(len(train) / args.batch_size)  # steps; a checkpoint's position is a step count
     with training.loop(run["epoch"] * per_epoch + (run["part"] or {}).get("batch", 0)):
+        training.segments[-1]["world_size"] = world.world_size  # a resumed run may use another
         for epoch in range(run["epoch"] + 1, args.epochs + 1):
             if run["stopped"]:
                 break
@@ -148,16 +154,17 @@ def main(args) -> dict:
 
             def safe_point(batch: int) -> None:
                 part.update(batch=batch, nfe=nfe_total(vae) - nfe0)
-                training.step((epoch - 1) * per_epoch + batch, checkpoint)
+                if world.is_main:  # rank 0 writes the checkpoints
+                    training.step((epoch - 1) * per_epoch + batch, checkpoint)
 
             losses = train_epoch(vae, optimizer, elbo, train, beta, args, shuffle, binarize, dynamic,
-                                 f"epoch {epoch}", part, safe_point)
+                                 f"epoch {epoch}", part, safe_point, objective, world)
             run["part"] = None
             record = {"epoch": epoch, "beta": beta, "train_loss": sum(losses) / len(losses), "train_losses": losses,
                       "seconds": training.elapsed() - part["clock"]}
             if args.flow == "ffjord":
                 record["nfe_forward_per_step"] = part["nfe"] / len(losses)
-            if epoch % args.valid_every == 0 or epoch == args.epochs:  # early stopping on validation
+            if world.is_main and (epoch % args.valid_every == 0 or epoch == args.epochs):  # early stopping
                 v0 = time.perf_counter()
                 with training.paused():  # validation is not training time
                     v = valid_neg_elbo()
@@ -169,14 +176,18 @@ def main(args) -> dict:
                 elif epoch > args.warmup_epochs:
                     run["bad_epochs"] += args.valid_every
                 run["stopped"] = run["bad_epochs"] > args.patience
+            run["stopped"] = world.broadcast(run["stopped"])  # rank 0 validates and decides
             run["history"].append(record)
             run["epoch"] = epoch
             if not args.no_progress:
                 tqdm.write(f"epoch {epoch}: beta {beta:.3f} train loss {record['train_loss']:.3f}"
                            + (f" valid -ELBO {record['valid_neg_elbo']:.3f}" if "valid_neg_elbo" in record else ""))
             last = run["stopped"] or epoch == args.epochs
-            training.step(epoch * per_epoch, checkpoint, due=bool(args.checkpoint_every) and
-                          (epoch % args.checkpoint_every == 0 or last))
+            if world.is_main:
+                training.step(epoch * per_epoch, checkpoint, due=bool(args.checkpoint_every) and
+                              (epoch % args.checkpoint_every == 0 or last))
+    if not world.is_main:
+        return {}  # rank 0 tests and writes
 
     # Test the best model on validation, as the paper: beta = 1, flows in eval mode.
     if run["best_model"] is not None:
@@ -195,7 +206,7 @@ def main(args) -> dict:
         "params": count_params(vae), "params_encoder": count_params(vae.encoder),
         "params_decoder": count_params(vae.decoder), "params_flow": count_params(vae.flows),
         "device": args.device, "wall_s": time.perf_counter() - start_wall, "train_s": timing["train_seconds"],
-        **timing, "steps_per_epoch": per_epoch,
+        **timing, "steps_per_epoch": per_epoch, **world.describe(args.seed, args.batch_size),
         "seconds_per_epoch": timing["train_seconds"] / len(trained) if trained else None, "eval_s": eval_seconds,
         **figures(res, unit["nats_per_unit"]),
         "best_valid_neg_elbo_nats": run["best_valid"] if math.isfinite(run["best_valid"]) else None,
@@ -251,6 +262,7 @@ def parse_args(argv=None):
     # --width 1 on a quiet 2-core machine (1.2-1.5x at widths 0.25 and 0.125)
     add_run_args(p, out=None, resume=True, threads=None, threads_note="conv nets at batch 100 gain from them",
                  out_note="out/vae/<dataset>-<flow>")
+    distributed.add_args(p)  # --dist-timeout (torchrun)
     args = runs.parse(p, argv)
     if args.data_dir is None:
         args.data_dir = default_data_dir(args.dataset)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pyro_ffjord import regularization
+from pyro_ffjord import distributed, regularization
 from vae_eval import batches
 
 H_DIM = 256  # encoder output h, the context of every amortized flow
@@ -169,24 +169,41 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def train_epoch(vae, optimizer, elbo, train, beta, args, shuffle, binarize, dynamic, desc, part, safe_point) -> list:
+def elbo_loss(vae, elbo):
+    """The training loss of a batch ``x`` at warm-up ``beta``, what the (DDP-wrapped) objective's
+    forward returns: ``(-ELBO per image, the RNODE penalties)``. The plate is the batch given (a
+    rank's share under torchrun): the loss is a mean per image, and DDP's average of the ranks'
+    (weighted by their shares, ``World.scale``) is the global batch's."""
+    def loss(x, beta):
+        neg_elbo = elbo.differentiable_loss(vae.model, vae.guide, x, beta) / x.shape[0]
+        return neg_elbo, regularization(vae.flows).to(neg_elbo.device)  # RNODE penalties, if any
+
+    return loss
+
+
+def train_epoch(vae, optimizer, elbo, train, beta, args, shuffle, binarize, dynamic, desc, part, safe_point,
+                objective=None, world=None) -> list:
     """One pass over ``train`` in shuffled minibatches, from batch ``part["batch"]`` on (0, or where
-    an interrupted epoch stopped); the per-step losses (-ELBO per image), kept in ``part``."""
+    an interrupted epoch stopped); the per-step losses (-ELBO per image), kept in ``part``. Under
+    torchrun (``world``) each rank trains on its share of every batch through ``objective``
+    (:func:`elbo_loss` in DistributedDataParallel); the losses are the global batches'."""
+    world = world or distributed.World()
+    objective = objective or elbo_loss(vae, elbo)
     vae.train()
     order = list(batches(len(train), args.batch_size, shuffle))
     bar = tqdm(range(part["batch"], len(order)), initial=part["batch"], total=len(order), desc=desc,
                disable=args.no_progress, leave=False)
     for k in bar:
         x = train[order[k]]
-        if dynamic:  # a grey-level training set is re-binarized every batch
+        if dynamic:  # a grey-level training set is re-binarized every batch (all of it on every rank)
             x = torch.bernoulli(x, generator=binarize)
-        x = x.to(args.device)
-        loss = elbo.differentiable_loss(vae.model, vae.guide, x, beta) / x.shape[0]
-        total = loss + regularization(vae.flows).to(loss.device)  # RNODE penalties, if any
+        rows, x = len(x), world.share(x).to(args.device)
+        loss, penalty = objective(x, beta)
+        total = world.scale(loss, len(x), rows) + penalty
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        part["losses"].append(loss.detach().item())
+        part["losses"].append(world.mean(loss.detach().item(), len(x)))
         bar.set_postfix(loss=f"{part['losses'][-1]:.2f}")
         safe_point(k + 1)  # may write a checkpoint (by minutes, Ctrl-C) and then stop
     return part["losses"]

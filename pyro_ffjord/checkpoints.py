@@ -91,7 +91,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
 #: Options that say where and how a run executes, not what it computes: never part of
 #: :func:`run_config`, so ``--resume`` may change them.
 NOT_CONFIG = frozenset({"out", "threads", "no_progress", "resume", "device", "checkpoint_every",
-                        "checkpoint_minutes"})
+                        "checkpoint_minutes", "dist_timeout"})
 
 
 def run_config(args: argparse.Namespace, free: Sequence[str] = ()) -> Dict[str, Any]:
