@@ -193,3 +193,16 @@ def test_image_budget_smoke(tmp_path):
         assert row["iterations"] >= 1 and finite(row["final_test_bpd"], row["seconds_per_iteration"])
         assert "PROJECTION" in row["projection"]["label"]
     assert (tmp_path / "ib.png").exists()
+
+
+def test_distributed_cpu_smoke(tmp_path):
+    import distributed_cpu
+
+    saved = run_benchmark(distributed_cpu, tmp_path / "dc.json", "--examples", "toy", "--steps", "3")
+    one, two = saved["rows"]
+    assert (one["processes"], one["threads_per_process"], one["world_size"]) == (1, 2, 1)
+    assert (two["processes"], two["threads_per_process"], two["world_size"]) == (2, 1, 2)
+    assert two["per_rank_batch"] * 2 == one["per_rank_batch"] and one["steps"] == two["steps"] == 3
+    assert finite(one["steps_per_second"], two["x_steps_per_second"], one["final_loss"], two["test"])
+    # Same global batches and seed, the exact trace on a fixed grid: the same training up to rounding.
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)
