@@ -54,7 +54,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], out: s
 
 # -- the training objective: maximum likelihood or flow matching ---------------------------------
 OBJECTIVES = ("mle", "fm")
-FM_KEYS = ("objective", "coupling", "sigma_min")  # what --objective fm adds to a run's configuration
+FM_KEYS = ("objective", "coupling", "sigma_min", "mle_after")  # what --objective fm adds to a run's options
 FM_LOSS_KIND = "flow matching"
 
 
@@ -71,14 +71,18 @@ def add_objective_args(group: argparse._ArgumentGroup) -> None:
                             "solve takes fewer steps and the regression targets vary less")
     group.add_argument("--sigma-min", type=float, default=None,
                        help="fm only (default 1e-4): width of the probability path at the data end, in [0, 1)")
+    group.add_argument("--mle-after", type=float, default=None,
+                       help="fm only: a mixed schedule, flow matching for this share (in (0, 1)) of --iters (and of "
+                            "--max-minutes where there is one, whichever comes first), then maximum likelihood of "
+                            "the same flow (Adam's moments restarted)")
 
 
 def check_objective(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fill ``--coupling`` (``ot``) and ``--sigma-min`` (1e-4) under ``--objective fm``; a usage
     error if they are given with ``mle`` or ``--sigma-min`` is outside ``[0, 1)``."""
     if args.objective != "fm":
-        given = [name for name, value in (("--coupling", args.coupling), ("--sigma-min", args.sigma_min))
-                 if value is not None]
+        given = [name for name, value in (("--coupling", args.coupling), ("--sigma-min", args.sigma_min),
+                                          ("--mle-after", args.mle_after)) if value is not None]
         if given:
             parser.error(f"{' and '.join(given)}: only with --objective fm")
         return
@@ -86,6 +90,38 @@ def check_objective(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     args.sigma_min = 1e-4 if args.sigma_min is None else args.sigma_min
     if not (math.isfinite(args.sigma_min) and 0 <= args.sigma_min < 1):
         parser.error(f"argument --sigma-min: {args.sigma_min} is not in [0, 1)")
+    if args.mle_after is not None and not 0 < args.mle_after < 1:
+        parser.error(f"argument --mle-after: {args.mle_after} is not in (0, 1)")
+
+
+def objective_now(args: argparse.Namespace, state: Dict[str, Any], training: runs.Training,
+                  optimizer: torch.optim.Optimizer, world: Optional[distributed.World] = None) -> str:
+    """The loss of the next step, ``"fm"`` or ``"mle"``. Under ``--mle-after`` the switch comes
+    once ``state["iteration"]`` reaches that share of ``--iters`` or the training clock that share
+    of ``--max-minutes`` (rank 0's clock under torchrun); then ``state["mle_from"]`` records the
+    iteration (a resumed run stays on maximum likelihood) and Adam's moments are cleared: they
+    were estimated on the flow-matching gradients, whose scale is not the likelihood's."""
+    if args.objective == "mle" or state.get("mle_from") is not None:
+        return "mle"
+    if args.mle_after is None:
+        return "fm"
+    due = state["iteration"] >= args.mle_after * args.iters
+    minutes = getattr(args, "max_minutes", 0.0)
+    if minutes and not due:
+        late = training.elapsed() >= args.mle_after * 60.0 * minutes
+        due = late if world is None else world.broadcast(late)
+    if not due:
+        return "fm"
+    state["mle_from"] = state["iteration"]
+    optimizer.state.clear()
+    return "mle"
+
+
+def objective_words(args: argparse.Namespace) -> str:
+    """The objective for a title: ``""`` (maximum likelihood), or how flow matching was used."""
+    if args.objective == "mle":
+        return ""
+    return "flow matching, then maximum likelihood" if args.mle_after else "flow matching"
 
 
 def objective_free(args: argparse.Namespace) -> Tuple[str, ...]:
@@ -95,12 +131,17 @@ def objective_free(args: argparse.Namespace) -> Tuple[str, ...]:
     return FM_KEYS if args.objective == "mle" else ()
 
 
-def objective_results(args: argparse.Namespace) -> Dict[str, Any]:
-    """What the results record of the objective: ``objective`` (and ``coupling``, ``sigma_min``
-    for ``fm``) and ``train_loss_kind``, what the per-batch ``losses`` are."""
-    if args.objective == "fm":
-        return dict(objective="fm", coupling=args.coupling, sigma_min=args.sigma_min, train_loss_kind=FM_LOSS_KIND)
-    return dict(objective="mle", train_loss_kind="negative log-likelihood")
+def objective_results(args: argparse.Namespace, state: Mapping[str, Any]) -> Dict[str, Any]:
+    """What the results record of the objective: ``objective`` (and ``coupling``, ``sigma_min``,
+    ``mle_after`` and ``mle_from``, the first maximum-likelihood iteration, for ``fm``) and
+    ``train_loss_kind``, what the per-batch ``losses`` are."""
+    if args.objective == "mle":
+        return dict(objective="mle", train_loss_kind="negative log-likelihood")
+    mle_from = state.get("mle_from")
+    kind = FM_LOSS_KIND if mle_from is None else f"{FM_LOSS_KIND}, then negative log-likelihood from iteration " \
+                                                 f"{mle_from} (losses[{mle_from}:])"
+    return dict(objective="fm", coupling=args.coupling, sigma_min=args.sigma_min, mle_after=args.mle_after,
+                mle_from=mle_from, train_loss_kind=kind)
 
 
 # -- the training state and its checkpoint ------------------------------------------------------
@@ -108,10 +149,11 @@ def new_state(cnfs: Sequence[nn.Module], **extra: Any) -> Dict[str, Any]:
     """A fresh run's training state, all of it saved in the checkpoint: ``iteration``, the
     ``losses`` and training ``clock`` of each iteration, the validation ``history``, the best
     model on validation so far (``best_valid``, ``best_iteration``, ``best_model``), each CNF's
-    count of fixed-grid training solves (``training_solves``: when its drift check runs) and
-    the example's own entries ``extra``."""
+    count of fixed-grid training solves (``training_solves``: when its drift check runs), the
+    first maximum-likelihood iteration of a mixed schedule (``mle_from``, :func:`objective_now`)
+    and the example's own entries ``extra``."""
     return dict(iteration=0, losses=[], clock=[], history=[], best_valid=math.inf, best_iteration=None,
-                best_model=None, training_solves=[0] * len(cnfs), **extra)
+                best_model=None, training_solves=[0] * len(cnfs), mle_from=None, **extra)
 
 
 def resume(training: runs.Training, model: nn.Module, cnfs: Sequence[nn.Module], optimizer: torch.optim.Optimizer,

@@ -39,7 +39,8 @@ Ctrl-C, which then exits); ``--resume`` continues exactly and refuses other opti
 solve in training) instead: it regresses one field, so the model is one CNF at one scale
 (``--scales 1 --blocks 1``, the default under ``fm``) between the standard normal and the logit of
 the dequantized pixels, with the configuration's field, T and evaluation; no RNODE term (it
-regularizes solves, and there are none). Scored exactly as under ``mle``.
+regularizes solves, and there are none). Scored exactly as under ``mle``. ``--mle-after S``:
+maximum likelihood of that one CNF after the share S of ``--iters`` or ``--max-minutes``.
 
 On a CPU either configuration is budget-limited (``--max-minutes``; a 28x28 batch of 200 costs
 minutes per iteration): read such a result as one, not as the paper's protocol.
@@ -88,8 +89,8 @@ def main(args) -> dict:
     checkpoint = common.checkpointer(state, flow, flow.flows, optimizer)
     indices = common.epoch_batches(len(train), args.batch_size, args.seed)
 
-    def loss_of(x: torch.Tensor):  # (the loss, what is minimised) of a batch (this rank's share)
-        if args.objective == "fm":  # one CNF (parse_args); its data end is the logit of the pixels
+    def loss_of(x: torch.Tensor, phase: str):  # (the loss, what is minimised) of a batch (this rank's share)
+        if phase == "fm":  # one CNF (parse_args); its data end is the logit of the pixels
             loss = flow_matching_loss(flow.flows[0], flow.parts[-1].inv(x), coupling=args.coupling,
                                       sigma_min=args.sigma_min)
             return loss, loss
@@ -113,10 +114,11 @@ def main(args) -> dict:
         optimizer.zero_grad()
         rows = indices(it)
         x = dequantize(train[world.share(rows)]).to(device)  # fresh dequantization noise every batch
-        loss, total = objective(x)
+        phase = common.objective_now(args, state, training, optimizer, world)
+        loss, total = objective(x, phase)
         world.scale(total, len(x), len(rows)).backward()  # DDP averages the ranks' gradients
         optimizer.step()
-        solved = args.objective == "mle"  # flow matching solves nothing in training
+        solved = phase == "mle"  # flow matching solves nothing in training
         state["nfe"].append([f.nfe_forward if solved else 0 for f in flow.flows])
         state["nfe_backward"].append(sum(f.nfe_backward for f in flow.flows) if solved else 0)  # adjoint solves
         return world.mean(loss.item(), len(x))  # the global batch's loss
@@ -140,19 +142,21 @@ def main(args) -> dict:
     res = model.score(flow, density, test, args.probes, args.eval_batch_size)
     eval_seconds = time.perf_counter() - t_eval
     timing = training.summary()  # resumed, segments, train_seconds (all segments)
-    how = f"{args.config}, flow matching" if args.objective == "fm" else args.config
+    how = f"{args.config}, {common.objective_words(args)}" if args.objective == "fm" else args.config
+    fm_only = args.objective == "fm" and state["mle_from"] is None  # the curve's losses are all flow matching
     title = (f"FFJORD on MNIST ({how}), {done} iterations, {training.describe()}: test "
              f"{res['bpd']:.3f} ± {res['se']:.3f} bits/dim (paper {model.PAPER_BPD})")
     model.save_samples(os.path.join(args.out, "samples.png"), flow, density, args.samples, title)
     common.plot_learning_curves(os.path.join(args.out, "bpd_curve.png"), state["clock"], state["losses"],
                                 state["history"], "valid_bpd", title, best_iteration,
-                                ylabel="bits/dim; training: flow-matching loss" if args.objective == "fm" else "bits/dim",
-                                train_label="training batch flow-matching loss" if args.objective == "fm"
+                                ylabel="bits/dim; training: flow-matching loss" if fm_only else "bits/dim",
+                                train_label="training batch flow-matching loss" if fm_only else
+                                "training batch: flow matching, then bits/dim" if args.objective == "fm"
                                 else "training batch (training solver)", valid_label="validation (dopri5)",
                                 reference=(f"paper ({model.PAPER_BPD})", model.PAPER_BPD))
     nfe = np.array(state["nfe"] or [[0] * len(flow.flows)], dtype=float)
     results = {
-        "dataset": args.dataset, "config": args.config, **common.objective_results(args),
+        "dataset": args.dataset, "config": args.config, **common.objective_results(args, state),
         "image_shape": list(model.IMAGE_SHAPE),
         "data": dict(source=data.source, train_images=len(train), valid_points=len(valid),
                      pixels="round(255 x) of the loader's k / 255 (exact), dequantized (k + u) / 256"),

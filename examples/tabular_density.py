@@ -33,7 +33,8 @@ part there; validation, early stopping and the test NLL are exactly as for ``--o
 (the default). Flow matching fits the field of one FFJORD, so it needs a single block: every
 ``--config`` of breast_cancer (one block), otherwise ``--num-blocks 1``. The per-batch
 ``losses`` (and the curve in ``nll_curve.png``) are then flow-matching losses, not NLLs
-(``train_loss_kind`` in ``results.json``).
+(``train_loss_kind`` in ``results.json``). ``--mle-after S`` switches to maximum likelihood once
+the share S of ``--iters`` or of ``--max-minutes`` has passed (Adam's moments restarted).
 
 Run, one command per row of the table (MAF's ``data.tar.gz`` from https://zenodo.org/record/1161203
 unpacked to ``data/``; GAS needs a one-time conversion, see ``pyro_ffjord.datasets.maf_tabular``;
@@ -119,8 +120,8 @@ def main(args) -> dict:
     checkpoint = common.checkpointer(state, flows, flows, optimizer)
     indices = common.epoch_batches(len(train), args.batch_size, args.seed)
 
-    def loss_of(x: torch.Tensor) -> torch.Tensor:  # the mean loss of a batch (of this rank's share)
-        if args.objective == "fm":  # one block (parse_args): its field regressed, no solve
+    def loss_of(x: torch.Tensor, phase: str) -> torch.Tensor:  # the mean loss of a batch (this rank's share)
+        if phase == "fm":  # one block (parse_args): its field regressed, no solve
             return flow_matching_loss(flows[0], x, coupling=args.coupling, sigma_min=args.sigma_min)
         return -density.log_prob(x).mean()
 
@@ -144,7 +145,7 @@ def main(args) -> dict:
     def step(it: int) -> float:  # one Adam step on iteration it's batch (this rank's share of it)
         rows = indices(it)
         x = train[world.share(rows).to(device)]
-        loss = objective(x)
+        loss = objective(x, common.objective_now(args, state, training, optimizer, world))
         optimizer.zero_grad()
         world.scale(loss, len(x), len(rows)).backward()  # DDP averages the ranks' gradients
         optimizer.step()
@@ -172,17 +173,19 @@ def main(args) -> dict:
     timing = training.summary()  # resumed, segments, train_seconds (all segments)
     paper_nll = PAPER_NLL[args.dataset]
     fm = args.objective == "fm"
-    how = f"{args.config}, flow matching" if fm else args.config
+    fm_only = fm and state["mle_from"] is None  # the curve's losses are all flow matching
+    how = f"{args.config}, {common.objective_words(args)}" if fm else args.config
     title = (f"FFJORD on {args.dataset} ({how}), {done} iterations, {training.describe()}: test NLL "
              f"{res['nll']:.3f} nats" + ("" if paper_nll is None else f" (paper {paper_nll})"))
     common.plot_learning_curves(os.path.join(args.out, "nll_curve.png"), state["clock"], state["losses"],
                                 state["history"], "valid_nll", title, best_iteration,
-                                ylabel="NLL (nats); training: flow-matching loss" if fm else "NLL (nats)",
-                                train_label="training batch flow-matching loss" if fm else "training batch NLL",
+                                ylabel="NLL (nats); training: flow-matching loss" if fm_only else "NLL (nats)",
+                                train_label="training batch flow-matching loss" if fm_only else
+                                "training batch NLL" if not fm else "training batch: flow matching, then NLL",
                                 running_mean=True,
                                 valid_label="validation NLL (exact trace, adaptive solver)")
     results = {
-        "dataset": args.dataset, "config": args.config, **common.objective_results(args), "dim": data.dim,
+        "dataset": args.dataset, "config": args.config, **common.objective_results(args, state), "dim": data.dim,
         "data": dict(source=data.source, sizes=list(data.sizes), valid_points=len(valid), **data.info),
         "flow_options": model.describe(flows), "params": sum(p.numel() for p in flows.parameters()),
         "batch_size": args.batch_size, **world.describe(args.seed, args.batch_size), "lr": args.lr,

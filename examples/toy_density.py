@@ -22,7 +22,9 @@ through few fixed steps can learn to exploit the discretisation: the RNODE weigh
 step regresses the field on straight base-to-data paths, with no ODE solve (so ``--solver``,
 ``--steps``, ``--trace`` and the RNODE weights play no part in training); the per-iteration
 ``losses`` are then flow-matching losses (``train_loss_kind`` in ``results.json``), not NLLs, and
-everything reported is evaluated exactly as for the default ``--objective mle``.
+everything reported is evaluated exactly as for the default ``--objective mle``. ``--mle-after
+0.5`` mixes the two: flow matching for the first half of ``--iters``, then maximum likelihood of
+the same flow (Adam's moments restarted; ``mle_from`` in ``results.json``).
 
 Outputs in ``--out`` (default ``out/toy_density``): ``density.png`` (data, model density on a
 grid, model samples on :math:`[-4, 4]^2`), ``trajectory.png`` (base samples pushed through the
@@ -157,7 +159,7 @@ def main(args) -> dict:
     # Checkpoints by iterations, minutes and Ctrl-C; --resume refuses one written with other options.
     config = runs.run_config(args, free=FREE + common.objective_free(args))
     training = runs.Training(args, out / "checkpoint.pt", config, numpy_rng=rng)
-    state = {"iteration": 0, "losses": [], "nfe_forward": []}
+    state = {"iteration": 0, "losses": [], "nfe_forward": [], "mle_from": None}  # mle_from: --mle-after
     ck = training.resume()  # restores the torch and numpy random states too
     if ck is not None:
         flow.load_state_dict(ck["model"])
@@ -168,8 +170,8 @@ def main(args) -> dict:
         state["test_nll_initial"] = test_nll(flow, density, test, args.eval_chunk)["nll"] if world.is_main else None
     start, losses, nfes = state["iteration"], state["losses"], state["nfe_forward"]
 
-    def loss_of(batch: torch.Tensor):  # (the loss, what is minimised) of a batch (this rank's share)
-        if args.objective == "fm":  # no solve: the field regressed on the paths' velocities
+    def loss_of(batch: torch.Tensor, phase: str):  # (the loss, what is minimised) of a batch (this rank's share)
+        if phase == "fm":  # no solve: the field regressed on the paths' velocities
             loss = flow_matching_loss(flow, batch, coupling=args.coupling, sigma_min=args.sigma_min)
             return loss, loss
         loss = -density.log_prob(batch).mean()
@@ -188,12 +190,13 @@ def main(args) -> dict:
         for it in bar:
             batch = toy.sample(args.data, args.batch_size, seed=rng).to(device)
             x = world.share(batch)
-            loss, total = objective(x)
+            phase = common.objective_now(args, state, training, optimizer, world)
+            loss, total = objective(x, phase)
             optimizer.zero_grad()
             world.scale(total, len(x), len(batch)).backward()  # DDP averages the ranks' gradients
             optimizer.step()
             losses.append(world.mean(loss.item(), len(x)))  # the global batch's loss
-            nfes.append(0 if args.objective == "fm" else flow.nfe_forward)
+            nfes.append(0 if phase == "fm" else flow.nfe_forward)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", nfe=nfes[-1], refresh=False)
             state["iteration"] = done = it + 1
             every = args.checkpoint_every and done % args.checkpoint_every == 0
@@ -211,13 +214,13 @@ def main(args) -> dict:
     res_train = test_nll(flow, density, test, args.eval_chunk, mode="train")
     timing = training.summary()  # resumed, segments, train_seconds (all segments)
     iterations, train_seconds, tail = max(start, args.iters), timing["train_seconds"], losses[-100:]
-    how = f" (flow matching, {args.coupling} coupling)" if args.objective == "fm" else ""
+    how = f" ({common.objective_words(args)}, {args.coupling} coupling)" if args.objective == "fm" else ""
     title = f"FFJORD{how}, {iterations} iterations, {training.describe()}, test NLL {res['nll']:.3f} nats"
     picture_seconds = make_pictures(args, flow, density, title)
     flow_options = dict(vars(flow.config), hidden_dims=list(args.hidden), activation=args.activation,
                         time_embedding="concatsquash", zero_init=args.zero_init)
     results = {
-        "data": args.data, **common.objective_results(args),
+        "data": args.data, **common.objective_results(args, state),
         "iterations": iterations, "resumed_from": start if training.resumed else None,
         "batch_size": args.batch_size, **world.describe(args.seed, args.batch_size),
         **timing, "seconds_per_iteration": train_seconds / len(losses) if losses else None,

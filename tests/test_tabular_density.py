@@ -233,3 +233,33 @@ def test_resume_refuses_another_objective(tmp_path):
         run(tmp_path / "fm", *common, "--iters", "4", "--resume", "--objective", "fm", "--sigma-min", "0.01")
     res = run(tmp_path / "fm", *common, "--iters", "4", "--resume", "--objective", "fm")
     assert res["resumed_from"] == 2 and res["iterations"] == 4 and res["objective"] == "fm"
+
+
+def test_mixed_schedule_switches_by_time_and_clears_adams_moments(tmp_path):
+    import density_common
+
+    class Clock:
+        seconds = 0.0
+
+        def elapsed(self):
+            return self.seconds
+
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([param])
+    param.grad = torch.ones(2)
+    optimizer.step()
+    args = tabular_density.parse_args(["--objective", "fm", "--mle-after", "0.25", "--iters", "1000",
+                                       "--max-minutes", "2"])
+    state, clock = density_common.new_state([]), Clock()
+    assert density_common.objective_now(args, state, clock, optimizer) == "fm" and optimizer.state
+    clock.seconds = 29.9
+    assert density_common.objective_now(args, state, clock, optimizer) == "fm"
+    clock.seconds, state["iteration"] = 30.0, 7  # a quarter of 2 minutes, long before a quarter of 1000
+    assert density_common.objective_now(args, state, clock, optimizer) == "mle"
+    assert state["mle_from"] == 7 and not optimizer.state  # Adam starts afresh on the likelihood
+    clock.seconds = 0.0  # once switched, it stays (e.g. a resumed run, whose clock restarts)
+    assert density_common.objective_now(args, state, clock, optimizer) == "mle"
+    res = run(tmp_path, "--config", "default", "--objective", "fm", "--mle-after", "0.5", "--iters", "6",
+              "--valid-every", "3")
+    assert res["mle_from"] == 3 and res["objective"] == "fm" and len(res["losses"]) == 6
+    assert math.isfinite(res["test_nll"])

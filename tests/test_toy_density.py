@@ -235,3 +235,26 @@ def test_objective_options_and_resume_refusing_another_objective(tmp_path, capsy
             run(tmp_path / "fm", "--iters", "2", "--resume", *small, *argv)
     res = run(tmp_path / "fm", "--iters", "2", "--resume", "--objective", "fm", *small)
     assert res["resumed_from"] == 1 and res["objective"] == "fm" and len(res["losses"]) == 2
+
+
+def test_mixed_schedule_switches_to_maximum_likelihood_once_and_resumes_past_it(tmp_path, capsys):
+    small = ("--test-points", "20", "--grid", "4", "--picture-samples", "50", "--objective", "fm", "--mle-after",
+             "0.5", "--coupling", "independent")
+    whole = run(tmp_path / "whole", "--iters", "8", *small)
+    assert whole["mle_from"] == 4 and whole["mle_after"] == 0.5
+    assert whole["train_loss_kind"] == "flow matching, then negative log-likelihood from iteration 4 (losses[4:])"
+    nfe = json.loads((tmp_path / "whole" / "results.json").read_text())["nfe_forward_last"]
+    assert nfe > 0  # the last steps solve (maximum likelihood)
+    # The share is of the run's --iters: 6 switch at 3. Resumed to 8, the run stays on maximum
+    # likelihood from 3 (the checkpoint holds the switch, and Adam's moments since).
+    first = run(tmp_path / "split", "--iters", "6", *small)
+    again = run(tmp_path / "split", "--iters", "8", "--resume", *small)
+    assert first["mle_from"] == 3 == again["mle_from"] and len(again["losses"]) == 8
+    assert again["losses"][:6] == first["losses"] and first["losses"][:3] == whole["losses"][:3]
+    with pytest.raises(SystemExit):
+        toy_density.parse_args(["--mle-after", "0.5"])
+    for share in ("0", "1"):
+        with pytest.raises(SystemExit):
+            toy_density.parse_args(["--objective", "fm", "--mle-after", share])
+    err = capsys.readouterr().err
+    assert "--mle-after: only with --objective fm" in err and "--mle-after: 1.0 is not in (0, 1)" in err
