@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import textwrap
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import matplotlib
@@ -129,6 +130,18 @@ def objective_free(args: argparse.Namespace) -> Tuple[str, ...]:
     objective's own (so that a maximum-likelihood run's configuration, and its checkpoints, are
     what they were before ``--objective``); under ``fm`` none, so ``--resume`` refuses a change."""
     return FM_KEYS if args.objective == "mle" else ()
+
+
+def curve_labels(args: argparse.Namespace, state: Mapping[str, Any], unit: str, mle_label: str) -> Dict[str, Any]:
+    """The training curve's ``train_label`` and ``train_axis`` for :func:`plot_learning_curves`:
+    flow-matching losses (alone, or then ``unit``) get their own axis; maximum likelihood's
+    batches (``mle_label``) share the validation score's."""
+    if args.objective == "mle":
+        return dict(train_label=mle_label, train_axis=None)
+    if state.get("mle_from") is None:
+        return dict(train_label="training batch flow-matching loss", train_axis="flow-matching loss")
+    return dict(train_label=f"training batch: flow matching, then {unit} from iteration {state['mle_from']}",
+                train_axis=f"training: flow-matching loss, then {unit}")
 
 
 def objective_results(args: argparse.Namespace, state: Mapping[str, Any]) -> Dict[str, Any]:
@@ -295,47 +308,66 @@ def load_best(state: Mapping[str, Any], model: nn.Module, done: int, score_last:
 
 # -- pictures -----------------------------------------------------------------------------------
 def save_figure(fig: plt.Figure, path: str, title: str, fontsize: int = 10) -> None:
-    """Title ``fig``, lay it out, write it to ``path`` (100 dpi) and close it."""
-    fig.suptitle(title, fontsize=fontsize)
+    """Title ``fig`` (wrapped to its width), lay it out, write it to ``path`` (100 dpi) and close it."""
+    chars = int(fig.get_figwidth() * 72 / (0.55 * fontsize))  # about one character per 0.55 em
+    fig.suptitle(textwrap.fill(title, width=chars), fontsize=fontsize)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _fit_view(axis: plt.Axes, values: Sequence[float], keep: Sequence[float] = ()) -> None:
+    """y-limits from the lowest of ``values`` and ``keep`` to the 95th percentile of ``values`` or
+    the highest of ``keep``: a wild first batch does not flatten the rest."""
+    if not values and not keep:
+        return
+    low = min([*values, *keep])
+    high = max(([float(np.quantile(values, 0.95))] if values else []) + list(keep))
+    pad = 0.05 * (high - low) if high > low else 1.0
+    axis.set_ylim(low - pad, high + pad)
 
 
 def plot_learning_curves(path: str, clock: Sequence[float], losses: Sequence[float],
                          history: Sequence[Mapping[str, Any]], key: str, title: str,
                          best_iteration: Optional[int] = None, *, ylabel: str, train_label: str,
                          valid_label: str, running_mean: bool = False,
-                         reference: Optional[Tuple[str, float]] = None) -> None:
+                         reference: Optional[Tuple[str, float]] = None, train_axis: Optional[str] = None) -> None:
     """The training loss of each batch and the validation score (``history``'s ``key``, the
     best iteration starred) against training time. ``running_mean``: the batches faded under
     their running mean (over a fiftieth of the run); ``reference``: ``(label, value)``, a dotted
-    line kept in view. A wild first batch does not flatten the rest: the axis ends at the 95th
-    percentile of the losses (or the highest validation score)."""
+    line kept in view; ``train_axis``: the training losses are another quantity (flow
+    matching's), drawn against their own right-hand axis of that label. A wild first batch does
+    not flatten the rest: an axis ends at the 95th percentile of the losses (or the highest
+    validation score)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    tax = ax.twinx() if train_axis else ax
     values = [v for v in losses if math.isfinite(v)]
     if losses:
         lw, alpha = (0.5, 0.35) if running_mean else (0.6, 0.5)
-        ax.plot(clock, losses, lw=lw, alpha=alpha, color="C0", label=train_label)
+        tax.plot(clock, losses, lw=lw, alpha=alpha, color="C0", label=train_label)
         window = max(1, len(losses) // 50)
         if running_mean and window > 1:
             mean = np.convolve(losses, np.ones(window) / window, mode="valid")
-            ax.plot(clock[window - 1:], mean, color="C0", label=f"training, mean of {window} batches")
+            tax.plot(clock[window - 1:], mean, color="C0", label=f"training, mean of {window} batches")
     valid = [(h["seconds"], h[key], h["iteration"]) for h in history if math.isfinite(h[key])]
     if valid:
         ax.plot([v[0] for v in valid], [v[1] for v in valid], "o-", ms=3, color="C1", label=valid_label)
         best = [v for v in valid if v[2] == best_iteration]
         if best:
             ax.plot(best[0][0], best[0][1], "*", ms=12, color="C3", label=f"best (iteration {best_iteration})")
-        values += [v[1] for v in valid]
     if reference is not None:
         ax.axhline(reference[1], color="k", ls=":", lw=1, label=reference[0])
-    if values:
-        low = min(values + ([] if reference is None else [reference[1]]))
-        high = max([float(np.quantile(values, 0.95))] + [v[1] for v in valid])
-        pad = 0.05 * (high - low) if high > low else 1.0
-        ax.set_ylim(low - pad, high + pad)
+    keep = [v[1] for v in valid] + ([] if reference is None else [reference[1]])
+    if train_axis:
+        ax.set_zorder(tax.get_zorder() + 1)  # the validation score over the batches' cloud
+        ax.patch.set_visible(False)
+        _fit_view(tax, values)
+        _fit_view(ax, [], keep)
+        tax.set_ylabel(train_axis)
+    else:
+        _fit_view(ax, values + [v[1] for v in valid], keep)
     ax.set(xlabel="training time (s; validation and checkpoints excluded)", ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles = [h for a in {ax: None, tax: None} for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=8)
     save_figure(fig, path, title)

@@ -143,16 +143,13 @@ def main(args) -> dict:
     eval_seconds = time.perf_counter() - t_eval
     timing = training.summary()  # resumed, segments, train_seconds (all segments)
     how = f"{args.config}, {common.objective_words(args)}" if args.objective == "fm" else args.config
-    fm_only = args.objective == "fm" and state["mle_from"] is None  # the curve's losses are all flow matching
     title = (f"FFJORD on MNIST ({how}), {done} iterations, {training.describe()}: test "
              f"{res['bpd']:.3f} ± {res['se']:.3f} bits/dim (paper {model.PAPER_BPD})")
     model.save_samples(os.path.join(args.out, "samples.png"), flow, density, args.samples, title)
     common.plot_learning_curves(os.path.join(args.out, "bpd_curve.png"), state["clock"], state["losses"],
                                 state["history"], "valid_bpd", title, best_iteration,
-                                ylabel="bits/dim; training: flow-matching loss" if fm_only else "bits/dim",
-                                train_label="training batch flow-matching loss" if fm_only else
-                                "training batch: flow matching, then bits/dim" if args.objective == "fm"
-                                else "training batch (training solver)", valid_label="validation (dopri5)",
+                                ylabel="bits/dim", valid_label="validation (dopri5)",
+                                **common.curve_labels(args, state, "bits/dim", "training batch (training solver)"),
                                 reference=(f"paper ({model.PAPER_BPD})", model.PAPER_BPD))
     nfe = np.array(state["nfe"] or [[0] * len(flow.flows)], dtype=float)
     results = {

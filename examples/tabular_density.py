@@ -173,16 +173,13 @@ def main(args) -> dict:
     timing = training.summary()  # resumed, segments, train_seconds (all segments)
     paper_nll = PAPER_NLL[args.dataset]
     fm = args.objective == "fm"
-    fm_only = fm and state["mle_from"] is None  # the curve's losses are all flow matching
     how = f"{args.config}, {common.objective_words(args)}" if fm else args.config
     title = (f"FFJORD on {args.dataset} ({how}), {done} iterations, {training.describe()}: test NLL "
              f"{res['nll']:.3f} nats" + ("" if paper_nll is None else f" (paper {paper_nll})"))
     common.plot_learning_curves(os.path.join(args.out, "nll_curve.png"), state["clock"], state["losses"],
                                 state["history"], "valid_nll", title, best_iteration,
-                                ylabel="NLL (nats); training: flow-matching loss" if fm_only else "NLL (nats)",
-                                train_label="training batch flow-matching loss" if fm_only else
-                                "training batch NLL" if not fm else "training batch: flow matching, then NLL",
-                                running_mean=True,
+                                ylabel="NLL (nats)", running_mean=True,
+                                **common.curve_labels(args, state, "NLL", "training batch NLL"),
                                 valid_label="validation NLL (exact trace, adaptive solver)")
     results = {
         "dataset": args.dataset, "config": args.config, **common.objective_results(args, state), "dim": data.dim,
