@@ -179,7 +179,7 @@ def resume(training: runs.Training, model: nn.Module, cnfs: Sequence[nn.Module],
         return
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
-    state.update((k, ck[k]) for k in state)
+    state.update((k, ck[k]) for k in state if k in ck)  # a checkpoint from before mle_from lacks it
     for cnf, solves in zip(cnfs, state["training_solves"]):
         cnf.stats.training_solves = solves
 

@@ -164,7 +164,7 @@ def main(args) -> dict:
     if ck is not None:
         flow.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
-        state.update({k: ck[k] for k in (*state, "test_nll_initial")})
+        state.update({k: ck[k] for k in (*state, "test_nll_initial") if k in ck})  # older ones lack mle_from
         world.reseed_resumed(args.seed, state["iteration"])  # ranks > 0: the checkpoint holds rank 0's
     else:
         state["test_nll_initial"] = test_nll(flow, density, test, args.eval_chunk)["nll"] if world.is_main else None
