@@ -256,8 +256,9 @@ def run_training(args: argparse.Namespace, training: runs.Training, state: Dict[
                dynamic_ncols=True)
     with training.loop(start):
         training.segments[-1]["world_size"] = world.world_size  # a resumed run may use another
+        late = out_of_time()  # one reading per iteration (under torchrun, one broadcast)
         for it in bar:
-            if stopped() or out_of_time():
+            if stopped() or late:
                 break
             loss = step(it)
             state["iteration"] = done = it + 1
@@ -267,7 +268,8 @@ def run_training(args: argparse.Namespace, training: runs.Training, state: Dict[
                 validate(done)
             bar.set_postfix(**progress(), refresh=False)
             every = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-            due = every or done == args.iters or stopped() or out_of_time()
+            late = out_of_time()
+            due = every or done == args.iters or stopped() or late
             if world.is_main:
                 training.step(done, checkpoint, due=due)
         if world.is_main and not training.path.exists():  # --iters 0: still leave a checkpoint

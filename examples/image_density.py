@@ -131,7 +131,7 @@ def main(args) -> dict:
     stopped = common.run_training(args, training, state, checkpoint, step, validate, f"mnist {args.config}", progress,
                                   world=world)
     if not world.is_main:
-        return {}  # rank 0 tests, draws and writes
+        return world.finish({})  # rank 0 tests, draws and writes
     done = state["iteration"]
 
     # Test the best model on validation; the last iterate competes if it was never validated.
@@ -180,7 +180,7 @@ def main(args) -> dict:
               f"{res['nfe_per_solve']:.1f} per eval solve), best valid {best_valid:.3f} bits/dim at iteration "
               f"{best_iteration}, test {res['bpd']:.3f} ± {res['se']:.3f} bits/dim on {res['points']} images "
               f"({res['probes']} probe(s) each); paper {model.PAPER_BPD}")
-    return results
+    return world.finish(results)  # the other ranks wait for rank 0 here
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -160,7 +160,7 @@ def main(args) -> dict:
     ended = common.run_training(args, training, state, checkpoint, step, validate, f"{args.dataset} {args.config}",
                                 progress, stopped=lambda: bool(state["stopped"]), world=world)
     if not world.is_main:
-        return {}  # rank 0 tests, draws and writes
+        return world.finish({})  # rank 0 tests, draws and writes
     stopped = state["stopped"] or ended  # early stopping, else iters or max_minutes
 
     # Test the best model on validation; the last iterate competes if it was never validated.
@@ -201,7 +201,7 @@ def main(args) -> dict:
         print(f"{args.dataset} ({args.config}, {blocks} block(s)): {done} iterations in {training.describe()} "
               f"(stopped: {stopped}), best valid NLL {best_valid:.3f} at iteration {best_iteration}, "
               f"test NLL {res['nll']:.3f} ± {res['se']:.3f} nats on {len(test)} points{versus}")
-    return results
+    return world.finish(results)  # the other ranks wait for rank 0 here
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -165,7 +165,6 @@ def main(args) -> dict:
         flow.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         state.update({k: ck[k] for k in (*state, "test_nll_initial") if k in ck})  # older ones lack mle_from
-        world.reseed_resumed(args.seed, state["iteration"])  # ranks > 0: the checkpoint holds rank 0's
     else:
         state["test_nll_initial"] = test_nll(flow, density, test, args.eval_chunk)["nll"] if world.is_main else None
     start, losses, nfes = state["iteration"], state["losses"], state["nfe_forward"]
@@ -177,7 +176,7 @@ def main(args) -> dict:
         loss = -density.log_prob(batch).mean()
         return loss, loss if flow.regularization is None else loss + flow.regularization
 
-    objective = world.wrap(distributed.Objective(loss_of, flow), find_unused=args.objective == "fm")  # DDP
+    objective = common.parallel(world, training, args, state, loss_of, flow)  # DDP under torchrun
 
     def checkpoint() -> dict:
         return {**state, "model": flow.state_dict(), "optimizer": optimizer.state_dict()}
@@ -206,7 +205,7 @@ def main(args) -> dict:
             training.save(start, checkpoint)
     bar.close()
     if not world.is_main:
-        return {}  # rank 0 tests, draws and writes
+        return world.finish({})  # rank 0 tests, draws and writes
 
     t_eval = time.perf_counter()
     res = test_nll(flow, density, test, args.eval_chunk)
@@ -243,7 +242,7 @@ def main(args) -> dict:
         print(f"{args.data}: {iterations} iterations in {training.describe()} "
               f"({results['nfe_forward_mean'] or 0:.1f} NFE/iteration), test NLL {res['nll']:.3f} "
               f"± {res['se']:.3f} nats (untrained {state['test_nll_initial']:.3f}); pictures in {args.out}")
-    return results
+    return world.finish(results)  # the other ranks wait for rank 0 here
 
 
 def parse_args(argv=None):

@@ -187,7 +187,7 @@ def main(args) -> dict:
                 training.step(epoch * per_epoch, checkpoint, due=bool(args.checkpoint_every) and
                               (epoch % args.checkpoint_every == 0 or last))
     if not world.is_main:
-        return {}  # rank 0 tests and writes
+        return world.finish({})  # rank 0 tests and writes
 
     # Test the best model on validation, as the paper: beta = 1, flows in eval mode.
     if run["best_model"] is not None:
@@ -226,7 +226,7 @@ def main(args) -> dict:
         print(f"{args.dataset} {args.flow}: test -ELBO {results['test_neg_elbo']:.4f} {unit['unit']}, IS-NLL "
               f"{results['test_nll_is']}, {results['params']} params, {results['seconds_per_epoch']} s/epoch"
               + (f", trained in {training.describe()}" if training.resumed else ""))
-    return results
+    return world.finish(results)  # the other ranks wait for rank 0 here
 
 
 def parse_args(argv=None):

@@ -146,6 +146,17 @@ class World:
         if self.distributed:
             dist.barrier()
 
+    def finish(self, value: T) -> T:
+        """The end of a run, on every rank: rank 0 once it has tested and written everything, the
+        others straight after training. All wait here for one another (within ``--dist-timeout``)
+        and then leave the process group together: a rank that tore its group down while the
+        others still held theirs could abort at exit (gloo: "terminate called without an active
+        exception"). Returns ``value``; a single process returns it at once."""
+        if self.distributed:
+            dist.barrier()
+            shutdown()
+        return value
+
     def wrap(self, module: nn.Module, find_unused: bool = False) -> nn.Module:
         """``DistributedDataParallel(module)`` (a single process: ``module`` itself). Call it once
         the parameters exist (built, or created by a first batch) and hold their final values
